@@ -1,0 +1,1 @@
+"""Model runtime, engine and serving processes (attention and expert ranks)."""
