@@ -1,0 +1,25 @@
+"""Shared fixtures: reference checkpoints written once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from builders import REFERENCE_CONFIGS, reference_model, write_reference_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    paths = {name: write_reference_checkpoint(name, root / name) for name in REFERENCE_CONFIGS}
+    paths["v2_sharded"] = write_reference_checkpoint("v2", root / "v2_sharded", max_shard_size="40KB")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def reference_models() -> dict[str, object]:
+    return {name: reference_model(name) for name in REFERENCE_CONFIGS}

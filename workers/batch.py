@@ -1,0 +1,103 @@
+"""One forward step's token batch: many sequences flattened into T tokens, plus paging metadata.
+
+A sequence contributes its new tokens (a whole prompt, a prefill chunk or one decode token) on top
+of `cached` tokens already in the latent cache. This module computes positions, cache slots and the
+split between prefill sequences (naive MLA) and decode sequences (absorbed MLA); it runs no model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SequenceStep:
+    """What one sequence feeds to a step."""
+
+    new_token_ids: list[int]
+    cached: int  # tokens of this sequence already in the cache
+    block_table: list[int]  # must cover cached + len(new_token_ids) tokens
+
+
+@dataclass
+class ForwardBatch:
+    """Flattened inputs of a step. Dimension letters: T tokens, S sequences, B decode sequences."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slots: torch.Tensor  # [T] int64, flat cache row per token
+    starts: list[int]  # [S] offset of each sequence's first new token
+    lengths: list[int]  # [S] new tokens per sequence
+    cached: list[int]  # [S] tokens cached before this step
+    block_tables: list[torch.Tensor]  # [S] each [nb_s] int64
+    decode_rows: torch.Tensor  # [B] token rows of single-token sequences (absorbed path)
+    decode_block_tables: torch.Tensor  # [B, nb_max] int64, padded with block 0
+    decode_context: torch.Tensor  # [B] context length including the new token
+    prefill_seqs: list[int]  # sequence indices that take the naive path
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.starts)
+
+    @property
+    def last_token_rows(self) -> torch.Tensor:
+        """[S] row of each sequence's last new token (where its next-token logits come from)."""
+        return torch.tensor([s + n - 1 for s, n in zip(self.starts, self.lengths, strict=True)], dtype=torch.long)
+
+    @classmethod
+    def build(
+        cls, steps: list[SequenceStep], block_size: int, device: str | torch.device = "cpu"
+    ) -> ForwardBatch:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_context: list[int] = []
+        prefill: list[int] = []
+        for index, step in enumerate(steps):
+            n = len(step.new_token_ids)
+            if n == 0:
+                raise ValueError(f"sequence {index} has no new tokens")
+            end = step.cached + n
+            if -(-end // block_size) > len(step.block_table):
+                raise ValueError(f"sequence {index}: block table too short for {end} tokens")
+            starts.append(len(ids))
+            ids.extend(step.new_token_ids)
+            for pos in range(step.cached, end):
+                positions.append(pos)
+                slots.append(step.block_table[pos // block_size] * block_size + pos % block_size)
+            if n == 1:
+                decode_rows.append(starts[-1])
+                decode_tables.append(step.block_table[: -(-end // block_size)])
+                decode_context.append(end)
+            else:
+                prefill.append(index)
+        width = max((len(t) for t in decode_tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in decode_tables]
+
+        def longs(values: list[int] | list[list[int]]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(
+            input_ids=longs(ids),
+            positions=longs(positions),
+            slots=longs(slots),
+            starts=starts,
+            lengths=[len(s.new_token_ids) for s in steps],
+            cached=[s.cached for s in steps],
+            block_tables=[
+                longs(s.block_table[: -(-(s.cached + len(s.new_token_ids)) // block_size)]) for s in steps
+            ],
+            decode_rows=longs(decode_rows),
+            decode_block_tables=longs(padded).view(len(padded), width),
+            decode_context=longs(decode_context),
+            prefill_seqs=prefill,
+        )

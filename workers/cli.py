@@ -1,0 +1,139 @@
+"""The `moeserve` command line: generate, model tools (and serve, bench as they land).
+
+Bad arguments print a message naming the argument and exit with code 2; nothing else here
+knows about argument parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_model_path() -> Path:
+    """The small model that ships inside the package."""
+    return Path(__file__).parent / "assets" / "default-model"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not ids or any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"expected non-negative token ids, got {text!r}")
+    return ids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline (or from a server with --endpoint)")
+    gen.add_argument(
+        "--model", type=Path, default=None, help="checkpoint directory (default: embedded model)"
+    )
+    gen.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
+    gen.add_argument(
+        "--prompt-ids", action="append", type=_token_ids, default=[], help="e.g. 1,2,3; repeatable"
+    )
+    gen.add_argument("--max-tokens", type=_positive_int, default=32)
+    gen.add_argument("--temperature", type=_non_negative_float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+
+    model = sub.add_parser("model", help="model tools")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    init = model_sub.add_parser("init-random", help="write a random-weight checkpoint from a preset")
+    init.add_argument("--preset", required=True, help="tiny, bench or v2-lite")
+    init.add_argument("--out", type=Path, required=True)
+    init.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    init.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        return _generate(parser, args)
+    if args.command == "model" and args.model_command == "init-random":
+        return _init_random(parser, args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from moeserve.workers.config import ConfigError
+    from moeserve.workers.generate import GenerationSettings, generate
+    from moeserve.workers.loader import CheckpointError, load_model
+    from moeserve.workers.tokenizer import Tokenizer
+
+    if bool(args.prompt) == bool(args.prompt_ids):
+        parser.error("give exactly one of --prompt or --prompt-ids (each may repeat)")
+    path = args.model or default_model_path()
+    if not (path / "config.json").exists():
+        parser.error(f"--model: no config.json in {path}")
+    tokenizer = Tokenizer.from_model_dir(path)
+    if args.prompt and tokenizer is None:
+        parser.error(f"--prompt needs a tokenizer.json in {path}; use --prompt-ids instead")
+    prompts = [tokenizer.encode(p) for p in args.prompt] if tokenizer and args.prompt else args.prompt_ids
+    if any(not p for p in prompts):
+        parser.error("--prompt: a prompt encodes to no tokens")
+    try:
+        model = load_model(path, DTYPES[args.dtype])
+    except (ConfigError, CheckpointError) as e:
+        parser.error(f"--model: {e}")
+    vocab = model.config.vocab_size
+    if any(t >= vocab for p in prompts for t in p):
+        parser.error(f"--prompt-ids: token id out of range (vocab size {vocab})")
+    settings = GenerationSettings(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    outputs = generate(model, prompts, settings)
+    for prompt_text, ids in zip(args.prompt or [None] * len(prompts), outputs, strict=True):
+        text = tokenizer.decode(ids) if tokenizer else None
+        if args.json:
+            print(json.dumps({"prompt": prompt_text, "token_ids": ids, "text": text}))
+        else:
+            print(text if text is not None else " ".join(map(str, ids)))
+    return 0
+
+
+def _init_random(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from moeserve.workers.model_tools import PRESETS, write_random_checkpoint
+
+    if args.preset not in PRESETS:
+        parser.error(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    out = write_random_checkpoint(args.out, PRESETS[args.preset], DTYPES[args.dtype], seed=args.seed)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Load Hugging Face DeepSeek-V2/V3 safetensors checkpoints into moeserve modules.
+
+Checkpoint names are mapped by the declarative tables below; nothing else knows them. Files are
+memory-mapped (single `model.safetensors` or sharded with `model.safetensors.index.json`) and only
+the tensors a role needs are read: the attention side (embeddings, MLA, norms, router, shared
+experts, head) or a subset of routed experts. A missing, unexpected or mis-shaped tensor is a
+`CheckpointError` naming it. Multi-token-prediction layers (index >= num_hidden_layers, as in
+DeepSeek-V3) are not used for generation and are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from moeserve.workers.config import ModelConfig
+from moeserve.workers.model import Transformer
+from moeserve.workers.moe import RoutedExperts, Router
+from moeserve.workers.rope import RotaryEmbedding
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the config; the message names the tensor."""
+
+
+# checkpoint name -> our parameter name
+GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "head.weight",
+}
+# suffix after "model.layers.{L}." -> suffix after "layers.{L}."
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn.wq.weight",
+    "self_attn.q_a_proj.weight": "attn.wq_a.weight",
+    "self_attn.q_a_proj.bias": "attn.wq_a.bias",
+    "self_attn.q_a_layernorm.weight": "attn.q_norm.weight",
+    "self_attn.q_b_proj.weight": "attn.wq_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn.wkv_a.weight",
+    "self_attn.kv_a_proj_with_mqa.bias": "attn.wkv_a.bias",
+    "self_attn.kv_a_layernorm.weight": "attn.kv_norm.weight",
+    "self_attn.kv_b_proj.weight": "attn.wkv_b.weight",
+    "self_attn.o_proj.weight": "attn.wo.weight",
+    "self_attn.o_proj.bias": "attn.wo.bias",
+    "mlp.gate_proj.weight": "ffn.w1.weight",
+    "mlp.down_proj.weight": "ffn.w2.weight",
+    "mlp.up_proj.weight": "ffn.w3.weight",
+    "mlp.gate.weight": "ffn.gate.weight",
+    "mlp.gate.e_score_correction_bias": "ffn.gate.e_score_correction_bias",
+    "mlp.shared_experts.gate_proj.weight": "ffn.shared_experts.w1.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn.shared_experts.w2.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn.shared_experts.w3.weight",
+}
+# suffix after "model.layers.{L}.mlp.experts.{E}." -> stacked tensor of RoutedExperts
+EXPERT_NAMES = {
+    "gate_proj.weight": "w1",
+    "down_proj.weight": "w2",
+    "up_proj.weight": "w3",
+}
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(.+)$")
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one checkpoint tensor goes: a parameter name, or (layer, expert, stacked name)."""
+
+    param: str | None = None
+    layer: int | None = None
+    expert: int | None = None
+    stacked: str | None = None
+
+    @property
+    def is_routed_expert(self) -> bool:
+        return self.expert is not None
+
+
+def translate(name: str, config: ModelConfig) -> Target | None:
+    """Map a checkpoint name; None for tensors deliberately not used. Unknown names raise."""
+    if name in GLOBAL_NAMES:
+        return Target(param=GLOBAL_NAMES[name])
+    if _IGNORED.search(name):
+        return None
+    m = _LAYER.match(name)
+    if m:
+        layer, rest = int(m.group(1)), m.group(2)
+        if layer >= config.num_hidden_layers:
+            return None  # multi-token-prediction module: not used for generation
+        e = _EXPERT.match(rest)
+        if e and e.group(2) in EXPERT_NAMES:
+            return Target(layer=layer, expert=int(e.group(1)), stacked=EXPERT_NAMES[e.group(2)])
+        if rest in LAYER_NAMES:
+            return Target(param=f"layers.{layer}.{LAYER_NAMES[rest]}")
+    raise CheckpointError(f"unexpected tensor {name!r} in checkpoint")
+
+
+class CheckpointReader:
+    """Lazily opened safetensors files of one checkpoint; records every tensor it reads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.exists():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            self.file_of = dict(weight_map)
+        elif single.exists():
+            with safe_open(str(single), framework="pt") as f:
+                self.file_of = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
+        else:
+            raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {self.path}")
+        self._handles: dict[str, object] = {}
+        self.read_names: list[str] = []
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handle(name).get_slice(name).get_shape())  # type: ignore[attr-defined]
+
+    def read(self, name: str) -> torch.Tensor:
+        self.read_names.append(name)
+        return self._handle(name).get_tensor(name)  # type: ignore[attr-defined]
+
+    def _handle(self, name: str) -> object:
+        file = self.file_of[name]
+        if file not in self._handles:
+            path = self.path / file
+            if not path.exists():
+                raise CheckpointError(f"shard {file} (holding {name!r}) is missing from {self.path}")
+            self._handles[file] = safe_open(str(path), framework="pt")
+        return self._handles[file]
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(src.shape) != tuple(dst.shape):
+        raise CheckpointError(f"tensor {name!r} has shape {list(src.shape)}, expected {list(dst.shape)}")
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+def _plan(reader: CheckpointReader, config: ModelConfig) -> dict[str, Target]:
+    return {name: t for name in reader.names if (t := translate(name, config)) is not None}
+
+
+def load_attention_side(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    reader: CheckpointReader | None = None,
+    max_positions: int | None = None,
+) -> Transformer:
+    """Everything but the routed experts, as an attention rank holds it."""
+    return _load_transformer(
+        path, dtype, with_routed_experts=False, reader=reader, max_positions=max_positions
+    )
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    reader: CheckpointReader | None = None,
+    max_positions: int | None = None,
+) -> Transformer:
+    """The whole model in one process: attention side plus every routed expert."""
+    return _load_transformer(
+        path, dtype, with_routed_experts=True, reader=reader, max_positions=max_positions
+    )
+
+
+def load_experts(
+    path: str | Path,
+    expert_ids: Iterable[int],
+    dtype: torch.dtype = torch.float32,
+    reader: CheckpointReader | None = None,
+) -> dict[int, RoutedExperts]:
+    """The given routed experts of every MoE layer, as an expert rank holds them."""
+    config = ModelConfig.from_file(path)
+    reader = reader or CheckpointReader(path)
+    ids = sorted(set(expert_ids))
+    bad = [e for e in ids if not 0 <= e < config.n_routed_experts]
+    if bad:
+        raise CheckpointError(f"expert ids {bad} out of range [0, {config.n_routed_experts})")
+    experts = {
+        layer: RoutedExperts(config.hidden_size, config.moe_intermediate_size, ids, dtype=dtype)
+        for layer in config.moe_layers
+    }
+    _fill_experts(reader, config, experts)
+    return experts
+
+
+def _load_transformer(
+    path: str | Path,
+    dtype: torch.dtype,
+    with_routed_experts: bool,
+    reader: CheckpointReader | None,
+    max_positions: int | None,
+) -> Transformer:
+    config = ModelConfig.from_file(path)
+    reader = reader or CheckpointReader(path)
+    with torch.device("meta"):
+        model = Transformer(config, with_routed_experts=with_routed_experts)
+    model = model.to(dtype)
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.float()  # routing stays fp32 (as transformers keeps gate.weight)
+    model = model.to_empty(device="cpu")
+    model.rope = RotaryEmbedding(config, max_positions)
+    params = dict(model.named_parameters())
+    plan = _plan(reader, config)
+    wanted = {name: t for name, t in plan.items() if not t.is_routed_expert}
+    filled: set[str] = set()
+    for name, target in wanted.items():
+        assert target.param is not None
+        if target.param == "head.weight" and config.tie_word_embeddings:
+            continue
+        if target.param not in params:
+            raise CheckpointError(f"unexpected tensor {name!r}: the config has no {target.param}")
+        _copy_into(params[target.param], reader.read(name), name)
+        filled.add(target.param)
+    if config.tie_word_embeddings:
+        model.head.weight = model.embed.weight
+        filled.add("head.weight")
+    missing = [p for p in params if p not in filled and not _is_routed_param(p)]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing tensor(s) for: {', '.join(sorted(missing)[:10])}")
+    if with_routed_experts:
+        _fill_experts(reader, config, model.local_experts())
+    model.eval()
+    return model
+
+
+def _is_routed_param(name: str) -> bool:
+    return ".ffn.experts." in name
+
+
+def _fill_experts(reader: CheckpointReader, config: ModelConfig, experts: dict[int, RoutedExperts]) -> None:
+    plan = _plan(reader, config)
+    by_key = {(t.layer, t.expert, t.stacked): name for name, t in plan.items() if t.is_routed_expert}
+    for layer, module in experts.items():
+        for local, expert in enumerate(module.expert_ids):
+            for stacked in EXPERT_NAMES.values():
+                name = by_key.get((layer, expert, stacked))
+                if name is None:
+                    raise CheckpointError(
+                        f"checkpoint is missing routed expert {expert} ({stacked}) of layer {layer}"
+                    )
+                _copy_into(getattr(module, stacked)[local], reader.read(name), name)
+    for (expert_layer, _, _), name in by_key.items():
+        if expert_layer is not None and not config.is_moe_layer(expert_layer):
+            raise CheckpointError(f"unexpected tensor {name!r}: layer {expert_layer} is dense in the config")
+
+
+def checkpoint_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face checkpoint names (the tables above, inverted)."""
+    ours_to_hf = {v: k for k, v in GLOBAL_NAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name in ours_to_hf:
+            out[ours_to_hf[name]] = tensor
+            continue
+        layer_s, rest = name.removeprefix("layers.").split(".", 1)
+        if rest.startswith("ffn.experts."):
+            stacked = rest.removeprefix("ffn.experts.")
+            hf_suffix = {v: k for k, v in EXPERT_NAMES.items()}[stacked]
+            for local, expert in enumerate(model.layers[int(layer_s)].ffn.experts.expert_ids):
+                out[f"model.layers.{layer_s}.mlp.experts.{expert}.{hf_suffix}"] = tensor[local]
+            continue
+        hf_rest = {v: k for k, v in LAYER_NAMES.items()}[rest]
+        out[f"model.layers.{layer_s}.{hf_rest}"] = tensor
+    if model.config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return {k: v.contiguous() for k, v in out.items()}

@@ -1,0 +1,121 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1) over the paged latent cache.
+
+Two paths over the same cache:
+- naive (prefill): expand the cached latents with `wkv_b` into per-head keys and values, then
+  ordinary causal attention;
+- absorbed (decode): fold W_UK into the query and W_UV after the attention, so attention is MQA
+  over the cached `[c_KV ; k_pe]` rows and nothing per-head is ever materialised for the context.
+`attn_impl="naive"` forces the naive path everywhere; tests use it as the reference.
+Legend: T tokens, H heads, L context, B decode sequences, C kv_lora_rank, R rope dim,
+N nope dim, V value dim, D hidden.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from moeserve.workers.batch import ForwardBatch
+from moeserve.workers.config import ModelConfig
+from moeserve.workers.kv_cache import PagedLatentCache
+from moeserve.workers.norm import RMSNorm
+from moeserve.workers.rope import RotaryEmbedding
+from torch import nn
+
+AttnImpl = Literal["auto", "naive"]
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.kv_rank = config.kv_lora_rank
+        self.scale = config.softmax_scale
+        d, h, qk = config.hidden_size, config.num_attention_heads, config.qk_head_dim
+        bias = config.attention_bias
+        self.q_lora = config.q_lora_rank is not None
+        if config.q_lora_rank is None:
+            self.wq = nn.Linear(d, h * qk, bias=False)
+        else:
+            self.wq_a = nn.Linear(d, config.q_lora_rank, bias=bias)
+            self.q_norm = RMSNorm(config.q_lora_rank)
+            self.wq_b = nn.Linear(config.q_lora_rank, h * qk, bias=False)
+        self.wkv_a = nn.Linear(d, config.kv_lora_rank + config.qk_rope_head_dim, bias=bias)
+        self.kv_norm = RMSNorm(config.kv_lora_rank)
+        self.wkv_b = nn.Linear(
+            config.kv_lora_rank, h * (config.qk_nope_head_dim + config.v_head_dim), bias=False
+        )
+        self.wo = nn.Linear(h * config.v_head_dim, d, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        cache: PagedLatentCache,
+        rope: RotaryEmbedding,
+        attn_impl: AttnImpl = "auto",
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.wq(x) if not self.q_lora else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(t, self.n_heads, self.nope_dim + self.rope_dim)  # [T, H, N+R]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        kv = self.wkv_a(x)  # [T, C+R]
+        c_kv = self.kv_norm(kv[:, : self.kv_rank])
+        k_pe = kv[:, self.kv_rank :].view(t, 1, self.rope_dim)
+        q_pe = rope(q_pe, batch.positions)
+        k_pe = rope(k_pe, batch.positions).view(t, self.rope_dim)
+        cache.write(self.layer, batch.slots, torch.cat([c_kv, k_pe], dim=-1))
+
+        out = x.new_empty(t, self.n_heads, self.v_dim)  # [T, H, V]
+        naive_seqs = range(batch.num_seqs) if attn_impl == "naive" else batch.prefill_seqs
+        for s in naive_seqs:
+            rows = slice(batch.starts[s], batch.starts[s] + batch.lengths[s])
+            context = batch.cached[s] + batch.lengths[s]
+            latent = cache.gather(self.layer, batch.block_tables[s], context)  # [L, C+R]
+            out[rows] = self._naive(q_nope[rows], q_pe[rows], latent, batch.cached[s])
+        if attn_impl == "auto" and batch.decode_rows.numel():
+            rows_t = batch.decode_rows
+            latents = cache.gather_batch(self.layer, batch.decode_block_tables)  # [B, L, C+R]
+            out[rows_t] = self._absorbed(q_nope[rows_t], q_pe[rows_t], latents, batch.decode_context)
+        return self.wo(out.view(t, self.n_heads * self.v_dim))
+
+    def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)  # [H, N+V, C]
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, N, C], [H, V, C]
+
+    def _naive(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, cached: int
+    ) -> torch.Tensor:
+        """One sequence: q [T, H, *] over latent [L, C+R] with L = cached + T. Returns [T, H, V]."""
+        t, length = q_nope.shape[0], latent.shape[0]
+        c_kv, k_pe = latent.split([self.kv_rank, self.rope_dim], dim=-1)
+        kv = self.wkv_b(c_kv).view(length, self.n_heads, self.nope_dim + self.v_dim)  # [L, H, N+V]
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(length, self.n_heads, self.rope_dim)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [T, H, N+R]
+        # query i sits at position cached + i and sees keys 0..cached + i
+        mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(diagonal=cached)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=self.scale
+        )  # [H, T, V]
+        return o.transpose(0, 1)
+
+    def _absorbed(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latents: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """Decode: one query per sequence. q [B, H, *], latents [B, L, C+R], context [B]. -> [B, H, V]."""
+        w_uk, w_uv = self._w_uk_uv()
+        c_kv, k_pe = latents.split([self.kv_rank, self.rope_dim], dim=-1)
+        q_lat = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # W_UK absorbed into the query
+        scores = torch.einsum("bhc,blc->bhl", q_lat, c_kv) + torch.einsum("bhr,blr->bhl", q_pe, k_pe)
+        scores = scores.float() * self.scale
+        valid = torch.arange(latents.shape[1], device=latents.device)[None, :] < context[:, None]  # [B, L]
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_kv.dtype)
+        o_lat = torch.einsum("bhl,blc->bhc", probs, c_kv)  # [B, H, C]
+        return torch.einsum("bhc,hvc->bhv", o_lat, w_uv)  # W_UV applied after attention

@@ -1,0 +1,95 @@
+"""The DeepSeek-V2/V3 transformer: embedding, MLA + (dense MLP | MoE) blocks, final norm, head.
+
+One `forward` serves prefill, chunked prefill and decode alike: it takes a `ForwardBatch` of
+flattened tokens and the paged latent cache, and returns logits. Routed experts are reached through
+a `RoutedExecutor`, so the same module runs single-process (local experts) or as an attention rank
+(all-to-all to expert ranks). The model never samples, schedules or tokenizes.
+Legend: T tokens, S sequences, D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from moeserve.workers.batch import ForwardBatch
+from moeserve.workers.config import ModelConfig
+from moeserve.workers.kv_cache import PagedLatentCache
+from moeserve.workers.mla import MLA, AttnImpl
+from moeserve.workers.moe import MLP, LocalRoutedExecutor, MoE, RoutedExecutor, RoutedExperts
+from moeserve.workers.norm import RMSNorm
+from moeserve.workers.rope import RotaryEmbedding
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, with_routed_experts: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = MLA(config, layer)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn: MLP | MoE = (
+            MoE(config, layer, with_routed_experts)
+            if config.is_moe_layer(layer)
+            else MLP(config.hidden_size, config.intermediate_size)
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        cache: PagedLatentCache,
+        rope: RotaryEmbedding,
+        routed: RoutedExecutor,
+        attn_impl: AttnImpl,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), batch, cache, rope, attn_impl)
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, routed) if isinstance(self.ffn, MoE) else self.ffn(h))
+
+
+class Transformer(nn.Module):
+    """Weights of the attention side, plus (unless `with_routed_experts=False`) every routed expert."""
+
+    def __init__(
+        self, config: ModelConfig, with_routed_experts: bool = True, max_positions: int | None = None
+    ):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [Block(config, i, with_routed_experts) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config, max_positions)
+        self.attn_impl: AttnImpl = "auto"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def local_experts(self) -> dict[int, RoutedExperts]:
+        return {
+            i: block.ffn.experts
+            for i, block in enumerate(self.layers)
+            if isinstance(block.ffn, MoE) and block.ffn.experts is not None
+        }
+
+    def local_executor(self) -> LocalRoutedExecutor:
+        return LocalRoutedExecutor(self.local_experts())
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        batch: ForwardBatch,
+        cache: PagedLatentCache,
+        routed: RoutedExecutor | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Logits [S, V] at each sequence's last new token, or [T, V] with `all_logits` (fp32)."""
+        routed = routed or self.local_executor()
+        x = self.embed(batch.input_ids)  # [T, D]
+        for block in self.layers:
+            x = block(x, batch, cache, self.rope, routed, self.attn_impl)
+        if not all_logits:
+            x = x[batch.last_token_rows]  # [S, D]
+        return self.head(self.norm(x)).float()

@@ -1,0 +1,178 @@
+"""DeepSeekMoE (DeepSeek-V2 §2.2): router, routed experts, shared experts, dense MLP.
+
+The router runs all three top-k methods (`greedy`, `group_limited_greedy`, V3's `noaux_tc` whose
+`e_score_correction_bias` affects selection only). Routed experts run as grouped matmuls over the
+tokens sorted by expert: one matmul per hosted expert with tokens, never a Python loop over tokens.
+Where the routed experts live is not this module's business: `MoE.forward` hands the routing to a
+`RoutedExecutor` (`LocalRoutedExecutor` here; an all-to-all one for expert parallelism).
+Legend: T tokens, K experts per token, E experts, D hidden, I expert intermediate.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from moeserve.workers.config import ModelConfig
+from torch import nn
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Router(nn.Module):
+    """Scores experts and picks K per token. Weights and bias stay fp32 whatever the model dtype."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(
+            torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32)
+        )
+        if config.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(
+                torch.zeros(config.n_routed_experts, dtype=torch.float32)
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights [T, K] fp32, expert ids [T, K] int64)."""
+        cfg = self.config
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        scores = logits.softmax(dim=-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+        k = cfg.num_experts_per_tok
+        if cfg.topk_method == "greedy":
+            weights, ids = scores.topk(k, dim=-1, sorted=False)
+        elif cfg.topk_method == "group_limited_greedy":
+            grouped = scores.view(-1, cfg.n_group, cfg.experts_per_group)  # [T, G, E/G]
+            keep = _group_mask(grouped.amax(dim=-1), cfg.topk_group)  # [T, G]
+            masked = (grouped * keep[..., None]).view(-1, cfg.n_routed_experts)
+            weights, ids = masked.topk(k, dim=-1, sorted=False)
+        else:  # noaux_tc: bias-corrected scores choose, raw scores weigh
+            choice = (scores + self.e_score_correction_bias).view(-1, cfg.n_group, cfg.experts_per_group)
+            keep = _group_mask(choice.topk(2, dim=-1).values.sum(dim=-1), cfg.topk_group)
+            choice = choice.masked_fill(~keep[..., None].bool(), float("-inf")).view(-1, cfg.n_routed_experts)
+            ids = choice.topk(k, dim=-1, sorted=False).indices
+            weights = scores.gather(1, ids)
+        if cfg.norm_topk_prob and k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, ids
+
+
+def _group_mask(group_scores: torch.Tensor, topk_group: int) -> torch.Tensor:
+    """[T, G] scores -> [T, G] float mask with ones on the topk_group best groups."""
+    chosen = group_scores.topk(topk_group, dim=-1, sorted=False).indices
+    return torch.zeros_like(group_scores).scatter_(1, chosen, 1.0)
+
+
+class RoutedExperts(nn.Module):
+    """A set of routed experts stored stacked: w1, w3 [n, I, D] and w2 [n, D, I].
+
+    `expert_ids[i]` is the global id of local expert i; a single process hosts all of them.
+    """
+
+    def __init__(self, dim: int, inter_dim: int, expert_ids: list[int], dtype: torch.dtype | None = None):
+        super().__init__()
+        self.expert_ids = list(expert_ids)
+        n = len(expert_ids)
+        self.w1 = nn.Parameter(torch.empty(n, inter_dim, dim, dtype=dtype))
+        self.w3 = nn.Parameter(torch.empty(n, inter_dim, dim, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(n, dim, inter_dim, dtype=dtype))
+
+    def forward_sorted(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """xs [N, D] sorted by local expert, counts[i] rows for local expert i -> [N, D]."""
+        out = torch.empty_like(xs)
+        start = 0
+        for i, n in enumerate(counts):
+            if n:
+                rows = xs[start : start + n]
+                h = F.silu(rows @ self.w1[i].t()) * (rows @ self.w3[i].t())
+                out[start : start + n] = h @ self.w2[i].t()
+                start += n
+        return out
+
+    def forward_naive(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Reference: every (token, choice) pair on its own. x [T, D], local_ids/weights [T, K] -> [T, D]."""
+        out = torch.zeros_like(x, dtype=torch.float32)
+        for t in range(x.shape[0]):
+            for j in range(local_ids.shape[1]):
+                i = int(local_ids[t, j])
+                h = F.silu(x[t] @ self.w1[i].t()) * (x[t] @ self.w3[i].t())
+                out[t] += (h @ self.w2[i].t()).float() * weights[t, j].float()
+        return out.to(x.dtype)
+
+
+def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """ids [T, K] -> (order [T*K] of flattened pairs sorted by expert, token of each, counts [E])."""
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return order, order // ids.shape[1], counts
+
+
+def combine(
+    y_sorted: torch.Tensor, order: torch.Tensor, token: torch.Tensor, weights: torch.Tensor, t: int
+) -> torch.Tensor:
+    """Weighted scatter-add of per-pair expert outputs back to their tokens -> [T, D]."""
+    w = weights.flatten()[order][:, None]  # [T*K, 1] fp32
+    out = torch.zeros(t, y_sorted.shape[-1], dtype=y_sorted.dtype, device=y_sorted.device)
+    return out.index_add_(0, token, (y_sorted * w).to(y_sorted.dtype))
+
+
+class RoutedExecutor(Protocol):
+    """Computes sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for one MoE layer."""
+
+    def __call__(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class LocalRoutedExecutor:
+    """Every routed expert in this process: sort, grouped matmuls, combine."""
+
+    def __init__(self, experts_by_layer: dict[int, RoutedExperts]):
+        self.experts_by_layer = experts_by_layer
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        experts = self.experts_by_layer[layer]
+        order, token, counts = sort_by_expert(ids, len(experts.expert_ids))
+        y = experts.forward_sorted(x[token], counts)
+        return combine(y, order, token, weights, x.shape[0])
+
+
+class MoE(nn.Module):
+    """Router + routed experts (through an executor) + shared experts."""
+
+    def __init__(self, config: ModelConfig, layer: int, with_routed_experts: bool = True):
+        super().__init__()
+        self.layer = layer
+        self.gate = Router(config)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+        self.experts = (
+            RoutedExperts(
+                config.hidden_size, config.moe_intermediate_size, list(range(config.n_routed_experts))
+            )
+            if with_routed_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor, routed: RoutedExecutor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        y = routed(self.layer, x, ids, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
