@@ -67,6 +67,10 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
     def local_experts(self) -> dict[int, RoutedExperts]:
         return {
             i: block.ffn.experts
