@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from moeserve.workers.batch import ForwardBatch, SequenceStep
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.generate import make_cache

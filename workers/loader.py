@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.model import Transformer
 from moeserve.workers.moe import RoutedExperts, Router
 from moeserve.workers.rope import RotaryEmbedding
-from safetensors import safe_open
 
 
 class CheckpointError(ValueError):

@@ -16,12 +16,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from moeserve.workers.batch import ForwardBatch
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.kv_cache import PagedLatentCache
 from moeserve.workers.norm import RMSNorm
 from moeserve.workers.rope import RotaryEmbedding
-from torch import nn
 
 AttnImpl = Literal["auto", "naive"]
 

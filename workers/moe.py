@@ -14,8 +14,9 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from moeserve.workers.config import ModelConfig
 from torch import nn
+
+from moeserve.workers.config import ModelConfig
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

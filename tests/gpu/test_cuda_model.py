@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moeserve.workers.generate import GenerationSettings, generate
 from moeserve.workers.loader import load_model
 

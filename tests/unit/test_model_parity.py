@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from moeserve.workers.batch import ForwardBatch, SequenceStep
 from moeserve.workers.generate import GenerationSettings, generate, make_cache
 from moeserve.workers.loader import load_model
