@@ -90,7 +90,7 @@ elapsed() {
 build_all() {
     local out="$1" start name step
     start="$(date +%s)"
-    export GOFLAGS="-mod=readonly" CGO_ENABLED=0
+    export GOFLAGS="-mod=readonly -buildvcs=false" CGO_ENABLED=0
     echo "controlplane: first build into $out (go $(go env GOVERSION), -p ${MOESERVE_GO_BUILD_P:-$(nproc)})"
     echo "controlplane: [$(elapsed "$start")] downloading modules"
     (cd "$HERE" && go mod download)
