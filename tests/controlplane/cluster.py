@@ -12,6 +12,7 @@ nothing either: missing binaries raise `MissingBinariesError` naming them and th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -163,7 +164,7 @@ def locate_binaries() -> Path:
     if missing:
         raise MissingBinariesError(
             f"control-plane binaries missing from {origin} ({bin_dir}): {', '.join(missing)}. "
-            f"Build them once with `{BUILD_COMMAND}` (about half an hour on 2 cores, cached afterwards), "
+            f"Build them once with `{BUILD_COMMAND}` (about 6 minutes on 2 cores, then cached), "
             "or point MOESERVE_CONTROLPLANE_BIN at a directory built by it."
         )
     return bin_dir
@@ -399,7 +400,9 @@ class ControlPlane:
             ("kube-scheduler", self.ports.scheduler),
         ):
             url = f"https://127.0.0.1:{port}/healthz"
-            _wait_for(f"{name} /healthz", lambda url=url: _http_ok(url, tls), deadline, self._dead_component)
+            _wait_for(
+                f"{name} /healthz", functools.partial(_http_ok, url, tls), deadline, self._dead_component
+            )
         admin = self.admin()
         _wait_for(
             "the default ServiceAccount (serviceaccount controller)",

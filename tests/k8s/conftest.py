@@ -39,14 +39,21 @@ def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
     try:
         bin_dir = locate_binaries()
     except MissingBinariesError as err:
-        pytest.fail(str(err), pytrace=False)
+        missing = str(err)
+    else:
+        missing = ""
+    if missing:
+        pytest.fail(missing, pytrace=False)
     state_dir = Path(tempfile.mkdtemp(prefix="moeserve-k8s-"))
     plane = ControlPlane(state_dir, bin_dir, die_with_parent=True)
+    failure = ""
     try:
         plane.start()
     except StartError as err:
+        failure = f"control plane did not start; state kept in {state_dir}\n{err}"
         plane.stop()
-        pytest.fail(f"control plane did not start; state kept in {state_dir}\n{err}", pytrace=False)
+    if failure:
+        pytest.fail(failure, pytrace=False)
     try:
         yield plane
     finally:

@@ -23,6 +23,8 @@ CRD_GROUP = "test.moeserve.io"
 CRD_PLURAL = "widgets"
 
 
+# The client's models type every field Optional; the tests hold API handles and answers as Any.
+
 # -- builders ------------------------------------------------------------------------------------
 
 
@@ -74,7 +76,7 @@ def widget_crd() -> dict[str, Any]:
     }
 
 
-def config_map(name: str, owner: client.V1ConfigMap | None = None) -> client.V1ConfigMap:
+def config_map(name: str, owner: Any = None) -> client.V1ConfigMap:
     refs = None
     if owner is not None:
         refs = [
@@ -113,10 +115,11 @@ def test_kubectl_lists_the_fake_gpu_nodes_ready(kubectl: Any) -> None:
 
 
 def test_gpu_deployment_gets_running_pods_on_fake_nodes(k8s_client: client.ApiClient, namespace: str) -> None:
-    apps, core = client.AppsV1Api(k8s_client), client.CoreV1Api(k8s_client)
+    apps: Any = client.AppsV1Api(k8s_client)
+    core: Any = client.CoreV1Api(k8s_client)
     apps.create_namespaced_deployment(namespace, gpu_deployment("gpu-workers", replicas=3, gpus_per_pod=4))
 
-    def running_pods() -> list[client.V1Pod]:
+    def running_pods() -> list[Any]:
         pods = core.list_namespaced_pod(namespace, label_selector="app=gpu-workers").items
         running = [p for p in pods if p.status.phase == "Running"]
         return running if len(running) == 3 else []
@@ -137,13 +140,13 @@ def test_gpu_deployment_gets_running_pods_on_fake_nodes(k8s_client: client.ApiCl
 def test_pod_wanting_more_gpus_than_any_node_stays_pending(
     k8s_client: client.ApiClient, namespace: str
 ) -> None:
-    core = client.CoreV1Api(k8s_client)
+    core: Any = client.CoreV1Api(k8s_client)
     pod = client.V1Pod(
         metadata=client.V1ObjectMeta(name="too-big"), spec=client.V1PodSpec(containers=[gpu_container(9)])
     )
     core.create_namespaced_pod(namespace, pod)
 
-    def unschedulable() -> client.V1PodCondition | None:
+    def unschedulable() -> Any:
         conditions = core.read_namespaced_pod("too-big", namespace).status.conditions or []
         return next((c for c in conditions if c.type == "PodScheduled" and c.status == "False"), None)
 
@@ -157,7 +160,8 @@ def test_pod_wanting_more_gpus_than_any_node_stays_pending(
 def test_crd_custom_resource_round_trips_with_status_subresource(
     k8s_client: client.ApiClient, namespace: str
 ) -> None:
-    extensions, custom = client.ApiextensionsV1Api(k8s_client), client.CustomObjectsApi(k8s_client)
+    extensions: Any = client.ApiextensionsV1Api(k8s_client)
+    custom: Any = client.CustomObjectsApi(k8s_client)
     name = f"{CRD_PLURAL}.{CRD_GROUP}"
     if _status_code(lambda: extensions.read_custom_resource_definition(name)) == 404:
         extensions.create_custom_resource_definition(widget_crd())
@@ -197,7 +201,7 @@ def test_crd_custom_resource_round_trips_with_status_subresource(
 def test_service_account_without_rights_is_forbidden(
     k8s_cluster: ControlPlane, k8s_client: client.ApiClient, kubectl: Any, namespace: str
 ) -> None:
-    core = client.CoreV1Api(k8s_client)
+    core: Any = client.CoreV1Api(k8s_client)
     core.create_namespaced_service_account(
         namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="nobody"))
     )
@@ -207,7 +211,7 @@ def test_service_account_without_rights_is_forbidden(
     assert denied.returncode != 0
     assert "Forbidden" in denied.stderr and f"system:serviceaccount:{namespace}:nobody" in denied.stderr
 
-    rbac = client.RbacAuthorizationV1Api(k8s_client)
+    rbac: Any = client.RbacAuthorizationV1Api(k8s_client)
     role = client.V1Role(
         metadata=client.V1ObjectMeta(name="pod-reader"),
         rules=[client.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["get", "list"])],
@@ -233,7 +237,7 @@ def test_service_account_without_rights_is_forbidden(
 def test_deleting_an_owner_garbage_collects_its_children(
     k8s_client: client.ApiClient, namespace: str
 ) -> None:
-    core = client.CoreV1Api(k8s_client)
+    core: Any = client.CoreV1Api(k8s_client)
     parent = core.create_namespaced_config_map(namespace, config_map("parent"))
     children = [f"child-{uuid.uuid4().hex[:6]}" for _ in range(2)]
     for child in children:
