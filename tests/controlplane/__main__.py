@@ -40,7 +40,6 @@ def up(state_dir: Path) -> int:
     try:
         plane.start()
     except (MissingBinariesError, StartError) as err:
-        plane.stop()
         print(f"controlplane up failed: {err}", file=sys.stderr)
         return 1
     print(f"control plane up at {plane.server}; logs in {plane.log_dir}", file=sys.stderr)
@@ -65,13 +64,16 @@ def status(state_dir: Path) -> int:
         print(f"down (no state in {state_dir})")
         return 1
     records = _supervisor(state_dir).records()
+    if not records:
+        print(f"down (nothing recorded in {state_dir})")
+        return 1
     for record in records:
         print(f"{record.name:26} pid {record.pid:<8} {'running' if record.alive() else 'EXITED'}")
     state_file = state_dir / "state.json"
     if state_file.exists():
         state = json.loads(state_file.read_text())
         print(f"server     {state['server']}\nkubeconfig {state['kubeconfig']}")
-    return 0 if records and all(r.alive() for r in records) else 1
+    return 0 if all(r.alive() for r in records) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -238,7 +238,10 @@ class ControlPlane:
         return self.supervisor.log_dir
 
     def start(self, timeout_s: float = 180.0) -> ControlPlane:
-        """Start every component and return once the API is ready and every fake node is Ready."""
+        """Start every component and return once the API is ready and every fake node is Ready.
+
+        On failure everything started so far is stopped again; logs stay in `log_dir`.
+        """
         bin_dir = self.bin_dir or locate_binaries()
         self.bin_dir = bin_dir
         deadline = time.monotonic() + timeout_s
@@ -251,8 +254,13 @@ class ControlPlane:
             self._start_apiserver(bin_dir, deadline)
             self._start_controllers(bin_dir, kubeconfigs, deadline)
             self._register_nodes(bin_dir, kubeconfigs["kwok"], deadline)
-        except StartError as err:
-            raise StartError(f"{err}\n{self._diagnostics()}") from None
+        except BaseException as err:
+            # Leave nothing running behind a failed start, whatever failed.
+            diagnostics = self._diagnostics()
+            self.stop()
+            if isinstance(err, StartError):
+                raise StartError(f"{err}\n{diagnostics}") from None
+            raise
         self._write_state()
         return self
 
@@ -317,13 +325,13 @@ class ControlPlane:
             "etcd",
             [
                 str(bin_dir / "etcd"),
-                "--name=default",
+                "--name=moeserve-test",
                 f"--data-dir={self.state_dir / 'etcd'}",
                 f"--listen-client-urls={client}",
                 f"--advertise-client-urls={client}",
                 f"--listen-peer-urls={peer}",
                 f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=default={peer}",
+                f"--initial-cluster=moeserve-test={peer}",
                 "--unsafe-no-fsync",  # test data only; spares the 2-core machine's disk
                 "--log-level=warn",
             ],

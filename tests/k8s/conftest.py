@@ -51,7 +51,6 @@ def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
         plane.start()
     except StartError as err:
         failure = f"control plane did not start; state kept in {state_dir}\n{err}"
-        plane.stop()
     if failure:
         pytest.fail(failure, pytrace=False)
     try:
