@@ -8,20 +8,18 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
+if ! command -v kubectl >/dev/null; then
+    echo "ci.sh: installing kubectl"
+    apt-get update -qq
+    apt-get install -y -qq kubectl
+fi
+
 [[ -x /usr/local/go/bin/go ]] && PATH="/usr/local/go/bin:$PATH"
 if ! command -v go >/dev/null; then
     # Debian bookworm's golang-go (1.19) predates toolchain switching, so it cannot fetch the Go that
     # go.mod needs; the machine image ships Go in /usr/local/go.
     echo "ci.sh: no go command found (expected /usr/local/go/bin/go, Go >= 1.21)" >&2
     exit 1
-fi
-
-if ! command -v kubectl >/dev/null; then
-    echo "ci.sh: installing kubectl"
-    if ! { apt-get update -qq && apt-get install -y -qq kubectl; }; then
-        echo "ci.sh: no kubectl package here; building it from the pinned k8s.io/kubernetes module"
-        (cd "$HERE" && go build -trimpath -ldflags='-s -w' -o /usr/local/bin/kubectl k8s.io/kubernetes/cmd/kubectl)
-    fi
 fi
 
 if ! python3 -c "import kubernetes, cryptography" 2>/dev/null; then
