@@ -32,11 +32,18 @@ def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def make_cache(model: Transformer, num_tokens: int, block_size: int = 16) -> PagedLatentCache:
+def make_cache(
+    model: Transformer, num_tokens: int, block_size: int = 16, device: torch.device | str = "cpu"
+) -> PagedLatentCache:
     """A cache that holds `num_tokens` tokens in total (plus the reserved padding block)."""
     cfg = model.config
     blocks = -(-num_tokens // block_size) + 1
-    return PagedLatentCache(cfg.num_hidden_layers, blocks, block_size, cfg.latent_dim, model.dtype)
+    return PagedLatentCache(cfg.num_hidden_layers, blocks, block_size, cfg.latent_dim, model.dtype, device)
+
+
+def cache_tokens(prompts: list[list[int]], max_tokens: int, block_size: int) -> int:
+    """Cache room for every prompt plus its generated tokens, rounded up to whole blocks each."""
+    return sum(-(-(len(p) + max_tokens) // block_size) * block_size for p in prompts)
 
 
 def generate(
@@ -49,7 +56,7 @@ def generate(
     """Generated ids (prompt excluded) for each prompt, decoded as one batch."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    cache = make_cache(model, sum(len(p) + settings.max_tokens for p in prompts), block_size)
+    cache = make_cache(model, cache_tokens(prompts, settings.max_tokens, block_size), block_size)
     generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
     eos = set(model.config.eos_token_ids) if settings.stop_at_eos else set()
     seqs = [cache.new_sequence() for _ in prompts]
