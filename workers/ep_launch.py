@@ -94,7 +94,7 @@ class LocalWorld:
     def start(self) -> None:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "torch.distributed", "moeserve.workers.ep_rank"])
-        timeout = datetime.timedelta(seconds=self.settings.collective_timeout_s)
+        timeout = datetime.timedelta(seconds=self.settings.startup_timeout_s)
         self.store = dist.TCPStore(STORE_HOST, 0, is_master=True, wait_for_workers=False, timeout=timeout)
         self.messages = ctx.Queue()
         for rank in range(self.layout.size):

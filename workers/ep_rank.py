@@ -40,7 +40,9 @@ class EPSettings:
     expert_ranks: int = 1
     """E: ranks holding the routed experts (>= 1; 0 is the single-process path, not this one)."""
     collective_timeout_s: float = 60.0
-    """Seconds any collective may wait for its peers before the rank fails (gloo/NCCL timeout)."""
+    """Seconds any collective of a step may wait for its peers before the rank fails (gloo/NCCL)."""
+    startup_timeout_s: float = 600.0
+    """Seconds ranks wait for each other to start and load their weights."""
     backend: Backend = "gloo"
     """gloo (CPU tensors) or nccl (one GPU per rank)."""
     dtype: torch.dtype = torch.float32
@@ -109,6 +111,7 @@ def run_rank(
         store_port,
         settings.backend,
         settings.collective_timeout_s,
+        settings.startup_timeout_s,
         on_watchdog=lambda message: report("error", rank, RankError(message, True, time.time())),
     )
     config = ModelConfig.from_file(model_path)
@@ -117,6 +120,7 @@ def run_rank(
     if world.role == "attention":
         model = load_attention_side(model_path, settings.dtype).to(world.device)
         result.weight_bytes = _param_bytes(model.parameters())
+        world.wait_for_all_ranks()
         report("ready", rank, None)
         for run in runs:
             stats, t0 = DispatchStats(), time.perf_counter()
@@ -141,6 +145,7 @@ def run_rank(
             layer: e.to(world.device) for layer, e in load_experts(model_path, ids, settings.dtype).items()
         }
         result.weight_bytes = _param_bytes(p for e in experts.values() for p in e.parameters())
+        world.wait_for_all_ranks()
         report("ready", rank, None)
         for _ in runs:
             stats, t0 = DispatchStats(), time.perf_counter()

@@ -63,21 +63,25 @@ class WorldLayout:
 
 
 class Watchdog:
-    """Ends the process if one armed wait outlives `deadline_s`; the backstop behind backend timeouts."""
+    """Ends the process if an armed wait outlives its timeout plus a margin; the backstop behind the
+    backends' own timeouts (which should fire first)."""
 
-    def __init__(self, deadline_s: float, on_expire: Callable[[str], None], poll_s: float = 0.5):
-        self.deadline_s = deadline_s
+    def __init__(self, on_expire: Callable[[str], None], poll_s: float = 0.5, min_margin_s: float = 5.0):
         self.on_expire = on_expire
         self.poll_s = poll_s
-        self._armed: tuple[str, float] | None = None
+        self.min_margin_s = min_margin_s
+        self._armed: tuple[str, float, float] | None = None  # (what, started, deadline seconds)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="moeserve-watchdog", daemon=True)
         self._thread.start()
 
+    def margin(self, timeout_s: float) -> float:
+        return max(self.min_margin_s, 0.25 * timeout_s)
+
     @contextmanager
-    def watch(self, what: str) -> Iterator[None]:
+    def watch(self, what: str, timeout_s: float) -> Iterator[None]:
         with self._lock:
-            self._armed = (what, time.monotonic())
+            self._armed = (what, time.monotonic(), timeout_s + self.margin(timeout_s))
         try:
             yield
         finally:
@@ -89,8 +93,8 @@ class Watchdog:
             time.sleep(self.poll_s)
             with self._lock:
                 armed = self._armed
-            if armed is not None and time.monotonic() - armed[1] > self.deadline_s:
-                self.on_expire(f"watchdog: {armed[0]} still waiting after {self.deadline_s:.0f} s")
+            if armed is not None and time.monotonic() - armed[1] > armed[2]:
+                self.on_expire(f"watchdog: {armed[0]} still waiting after {armed[2]:g} s")
                 os._exit(3)
 
 
@@ -105,13 +109,17 @@ class EPWorld:
         device: torch.device,
         timeout_s: float,
         watchdog: Watchdog | None = None,
+        startup_group: dist.ProcessGroup | None = None,
+        startup_timeout_s: float | None = None,
     ):
-        self.group = group
+        self.group = group  # every step's collectives; they time out after timeout_s
         self.rank = rank
         self.layout = layout
         self.device = device
         self.timeout_s = timeout_s
         self.watchdog = watchdog
+        self.startup_group = startup_group or group  # the same ranks, with the startup timeout
+        self.startup_timeout_s = startup_timeout_s or timeout_s
 
     @property
     def role(self) -> Role:
@@ -140,13 +148,27 @@ class EPWorld:
         assert work is not None
         return work
 
-    def wait(self, works: list[dist.Work], what: str) -> None:
+    def wait(self, works: list[dist.Work], what: str, timeout_s: float | None = None) -> None:
+        timeout_s = timeout_s or self.timeout_s
         try:
-            with self._watch(what):
+            with self._watch(what, timeout_s):
                 for work in works:
                     work.wait()
         except RuntimeError as e:
-            raise self._error(what, e) from e
+            raise self._error(what, e, timeout_s) from e
+
+    def wait_for_all_ranks(self) -> None:
+        """Startup barrier: every rank has joined and loaded its weights (waits the startup timeout).
+
+        Ranks load at different speeds; the per-step timeout starts counting only after this."""
+        flag = torch.zeros(1, device=self.device)
+        what = "startup (waiting for every rank to load its weights)"
+        try:
+            work = dist.all_reduce(flag, group=self.startup_group, async_op=True)
+        except RuntimeError as e:
+            raise self._error(what, e, self.startup_timeout_s) from e
+        assert work is not None
+        self.wait([work], what, self.startup_timeout_s)  # [1] SUM: a barrier
 
     def exchange_counts(self, send: torch.Tensor, what: str) -> list[int]:
         """send [N] int64 rows this rank sends to each rank -> [N] rows it receives from each."""
@@ -168,13 +190,13 @@ class EPWorld:
         go, n = flags.tolist()
         return bool(go), int(n)
 
-    def _watch(self, what: str) -> AbstractContextManager[None]:
-        return self.watchdog.watch(f"{self.name}: {what}") if self.watchdog else _nothing()
+    def _watch(self, what: str, timeout_s: float) -> AbstractContextManager[None]:
+        return self.watchdog.watch(f"{self.name}: {what}", timeout_s) if self.watchdog else _nothing()
 
-    def _error(self, what: str, cause: BaseException) -> CollectiveError:
+    def _error(self, what: str, cause: BaseException, timeout_s: float | None = None) -> CollectiveError:
         return CollectiveError(
             f"{self.name}: {what} failed (a peer died, hung or left the lockstep; "
-            f"collective timeout {self.timeout_s:g} s): {str(cause).splitlines()[0][:300]}"
+            f"timeout {timeout_s or self.timeout_s:g} s): {str(cause).splitlines()[0][:300]}"
         )
 
 
@@ -197,27 +219,32 @@ def init_world(
     store_port: int,
     backend: Backend = "gloo",
     timeout_s: float = 60.0,
+    startup_timeout_s: float = 600.0,
     device: torch.device | None = None,
     on_watchdog: Callable[[str], None] | None = None,
 ) -> EPWorld:
-    """Join the world through the launcher's TCPStore; collectives time out after `timeout_s`."""
-    timeout = datetime.timedelta(seconds=timeout_s)
+    """Join the world through the launcher's TCPStore.
+
+    Rendezvous and `wait_for_all_ranks` wait up to `startup_timeout_s`; every step's collectives
+    run on a second group over the same ranks whose timeout is `timeout_s`."""
+    startup = datetime.timedelta(seconds=startup_timeout_s)
     device = device or default_device(backend, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
+    store = dist.TCPStore(store_host, store_port, is_master=False, timeout=startup)
     dist.init_process_group(
         backend,
         store=store,
         rank=rank,
         world_size=layout.size,
-        timeout=timeout,
+        timeout=startup,
         device_id=device if device.type == "cuda" else None,
     )
-    group = dist.group.WORLD
-    assert group is not None
-    watchdog = Watchdog(timeout_s + max(5.0, 0.25 * timeout_s), on_watchdog or _print_to_stderr)
-    return EPWorld(group, rank, layout, device, timeout_s, watchdog)
+    startup_group = dist.group.WORLD
+    group = dist.new_group(list(range(layout.size)), timeout=datetime.timedelta(seconds=timeout_s))
+    assert isinstance(startup_group, dist.ProcessGroup) and isinstance(group, dist.ProcessGroup)
+    watchdog = Watchdog(on_watchdog or _print_to_stderr)
+    return EPWorld(group, rank, layout, device, timeout_s, watchdog, startup_group, startup_timeout_s)
 
 
 def _print_to_stderr(message: str) -> None:

@@ -77,12 +77,9 @@ class ExpertPlacement:
         """
         n = config.n_routed_experts
         if explicit is not None:
-            placement = cls.from_lists(n, explicit)
-            if len(placement.ranks) != num_ranks:
-                raise PlacementError(
-                    f"the map lists {len(placement.ranks)} expert ranks, expected {num_ranks}"
-                )
-            return placement
+            if len(explicit) != num_ranks:
+                raise PlacementError(f"the map lists {len(explicit)} expert ranks, expected {num_ranks}")
+            return cls.from_lists(n, explicit)
         _check_rank_count(n, num_ranks)
         groups = config.n_group if config.topk_method != "greedy" else 1
         if groups <= 1:
