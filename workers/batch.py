@@ -48,7 +48,8 @@ class ForwardBatch:
     @property
     def last_token_rows(self) -> torch.Tensor:
         """[S] row of each sequence's last new token (where its next-token logits come from)."""
-        return torch.tensor([s + n - 1 for s, n in zip(self.starts, self.lengths, strict=True)], dtype=torch.long)
+        rows = [s + n - 1 for s, n in zip(self.starts, self.lengths, strict=True)]
+        return torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
 
     @classmethod
     def build(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
 from moeserve.workers.ep_world import EPWorld
 from moeserve.workers.moe import RoutedExperts, combine, sort_by_expert
 from moeserve.workers.placement import ExpertPlacement
@@ -180,10 +181,10 @@ class ExpertServer:
         """One dispatch -> grouped expert matmuls -> combine, for every attention rank at once."""
         world, experts, stats = self.world, self.experts_by_layer[layer], self.stats
         t0 = time.perf_counter()
-        size, dtype, dev = world.layout.size, experts.w1.dtype, world.device
+        size, dtype, dev = world.layout.size, experts.w2.dtype, world.device
         send = torch.zeros(size, dtype=torch.long, device=dev)
         recv = world.exchange_counts(send, f"token counts of MoE layer {layer}")  # [N] -> [N]
-        m, d, k = sum(recv), experts.w1.shape[-1], self.top_k
+        m, d, k = sum(recv), experts.w2.shape[1], self.top_k
         none = [0] * size
         xs = torch.empty(m, d, dtype=dtype, device=dev)
         local = torch.empty(m, k, dtype=torch.int32, device=dev)

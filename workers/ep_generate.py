@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from moeserve.workers.batch import ForwardBatch, SequenceStep
 from moeserve.workers.ep_world import EPWorld
-from moeserve.workers.generate import GenerationSettings, cache_tokens, make_cache, sample
+from moeserve.workers.generate import GenerationSettings, make_cache, sample
 from moeserve.workers.micro_batch import forward_micro_batches, split_steps
 from moeserve.workers.model import Transformer
 from moeserve.workers.moe import RoutedExecutor
@@ -51,11 +52,12 @@ def generate_lockstep(
     """Generate for this rank's prompts (possibly none) while the world has work."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    device = world.device if world is not None else torch.device("cpu")
-    total = cache_tokens(prompts, settings.max_tokens, block_size)
-    cache = make_cache(model, max(total, 1), block_size, device)
-    seed = settings.seed + (world.rank if world is not None else 0) if settings.seed is not None else None
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    device = model.device
+    lengths = [len(p) + settings.max_tokens for p in prompts]
+    cache = make_cache(model, lengths or [1], block_size)  # an idle rank still needs a (tiny) cache
+    generator = None
+    if settings.seed is not None:  # one stream per attention rank
+        generator = torch.Generator(device=device).manual_seed(settings.seed + (world.rank if world else 0))
     eos = set(model.config.eos_token_ids) if settings.stop_at_eos else set()
     seqs = [cache.new_sequence() for _ in prompts]
     result = LockstepResult([[] for _ in prompts])
@@ -82,14 +84,13 @@ def generate_lockstep(
             logits = torch.cat(forward_micro_batches(model, parts, cache, routed))  # [S, V]
         if not active:
             continue
-        logits = logits.cpu()  # [S, V]; sampling and its generator live on the host
         next_ids = sample(logits, settings.temperature, generator).tolist()
         still = []
         for row, (i, token) in enumerate(zip(active, next_ids, strict=True)):
             seqs[i].num_tokens += len(pending[i])
             result.token_ids[i].append(token)
             if record_logits:
-                logits_of[i].append(logits[row])
+                logits_of[i].append(logits[row].cpu())
             pending[i] = [token]
             if len(result.token_ids[i]) < settings.max_tokens and token not in eos:
                 still.append(i)

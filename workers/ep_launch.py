@@ -23,6 +23,7 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.ep_rank import EPSettings, RankError, RankResult, Run, describe_error, run_rank
 from moeserve.workers.ep_world import WorldLayout

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.ep_dispatch import AllToAllExecutor, DispatchStats, ExpertServer
 from moeserve.workers.ep_generate import generate_lockstep
@@ -118,7 +119,7 @@ def run_rank(
     placement = settings.expert_placement(config)
     result = RankResult(rank, world.role)
     if world.role == "attention":
-        model = load_attention_side(model_path, settings.dtype).to(world.device)
+        model = load_attention_side(model_path, settings.dtype, device=world.device)
         result.weight_bytes = _param_bytes(model.parameters())
         world.wait_for_all_ranks()
         report("ready", rank, None)
@@ -141,9 +142,7 @@ def run_rank(
             result.stats.append(stats.as_dict())
     else:
         ids = placement.ranks[layout.expert_index(rank)]
-        experts = {
-            layer: e.to(world.device) for layer, e in load_experts(model_path, ids, settings.dtype).items()
-        }
+        experts = load_experts(model_path, ids, settings.dtype, device=world.device)
         result.weight_bytes = _param_bytes(p for e in experts.values() for p in e.parameters())
         world.wait_for_all_ranks()
         report("ready", rank, None)

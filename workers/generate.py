@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from moeserve.workers.batch import ForwardBatch, SequenceStep
 from moeserve.workers.kv_cache import PagedLatentCache
 from moeserve.workers.model import Transformer
@@ -32,18 +33,13 @@ def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def make_cache(
-    model: Transformer, num_tokens: int, block_size: int = 16, device: torch.device | str = "cpu"
-) -> PagedLatentCache:
-    """A cache that holds `num_tokens` tokens in total (plus the reserved padding block)."""
+def make_cache(model: Transformer, seq_lengths: list[int], block_size: int = 16) -> PagedLatentCache:
+    """A cache with room for sequences of these lengths (plus the reserved padding block)."""
     cfg = model.config
-    blocks = -(-num_tokens // block_size) + 1
-    return PagedLatentCache(cfg.num_hidden_layers, blocks, block_size, cfg.latent_dim, model.dtype, device)
-
-
-def cache_tokens(prompts: list[list[int]], max_tokens: int, block_size: int) -> int:
-    """Cache room for every prompt plus its generated tokens, rounded up to whole blocks each."""
-    return sum(-(-(len(p) + max_tokens) // block_size) * block_size for p in prompts)
+    blocks = sum(-(-n // block_size) for n in seq_lengths) + 1
+    return PagedLatentCache(
+        cfg.num_hidden_layers, blocks, block_size, cfg.latent_dim, model.dtype, model.device
+    )
 
 
 def generate(
@@ -56,8 +52,10 @@ def generate(
     """Generated ids (prompt excluded) for each prompt, decoded as one batch."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    cache = make_cache(model, cache_tokens(prompts, settings.max_tokens, block_size), block_size)
-    generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+    cache = make_cache(model, [len(p) + settings.max_tokens for p in prompts], block_size)
+    generator = None
+    if settings.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(settings.seed)
     eos = set(model.config.eos_token_ids) if settings.stop_at_eos else set()
     seqs = [cache.new_sequence() for _ in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -68,7 +66,7 @@ def generate(
         for i in active:
             seqs[i].reserve(cache.allocator, len(pending[i]))
             steps.append(SequenceStep(pending[i], seqs[i].num_tokens, seqs[i].blocks))
-        logits = model(ForwardBatch.build(steps, block_size), cache, routed)
+        logits = model(ForwardBatch.build(steps, block_size, model.device), cache, routed)
         next_ids = sample(logits, settings.temperature, generator).tolist()
         still = []
         for i, token in zip(active, next_ids, strict=True):

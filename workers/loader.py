@@ -17,18 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.model import Transformer
 from moeserve.workers.moe import RoutedExperts, Router
 from moeserve.workers.rope import RotaryEmbedding
-from safetensors import safe_open
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the config; the message names the tensor."""
 
 
-# checkpoint name -> our parameter name
+# checkpoint name -> our parameter name; "name[k/2]" is half k (along dim 0) of a fused tensor
 GLOBAL_NAMES = {
     "model.embed_tokens.weight": "embed.weight",
     "model.norm.weight": "norm.weight",
@@ -49,23 +50,24 @@ LAYER_NAMES = {
     "self_attn.kv_b_proj.weight": "attn.wkv_b.weight",
     "self_attn.o_proj.weight": "attn.wo.weight",
     "self_attn.o_proj.bias": "attn.wo.bias",
-    "mlp.gate_proj.weight": "ffn.w1.weight",
+    "mlp.gate_proj.weight": "ffn.w13.weight[0/2]",
+    "mlp.up_proj.weight": "ffn.w13.weight[1/2]",
     "mlp.down_proj.weight": "ffn.w2.weight",
-    "mlp.up_proj.weight": "ffn.w3.weight",
     "mlp.gate.weight": "ffn.gate.weight",
     "mlp.gate.e_score_correction_bias": "ffn.gate.e_score_correction_bias",
-    "mlp.shared_experts.gate_proj.weight": "ffn.shared_experts.w1.weight",
+    "mlp.shared_experts.gate_proj.weight": "ffn.shared_experts.w13.weight[0/2]",
+    "mlp.shared_experts.up_proj.weight": "ffn.shared_experts.w13.weight[1/2]",
     "mlp.shared_experts.down_proj.weight": "ffn.shared_experts.w2.weight",
-    "mlp.shared_experts.up_proj.weight": "ffn.shared_experts.w3.weight",
 }
 # suffix after "model.layers.{L}.mlp.experts.{E}." -> stacked tensor of RoutedExperts
 EXPERT_NAMES = {
-    "gate_proj.weight": "w1",
+    "gate_proj.weight": "w13[0/2]",
+    "up_proj.weight": "w13[1/2]",
     "down_proj.weight": "w2",
-    "up_proj.weight": "w3",
 }
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_PART = re.compile(r"^(.+)\[([01])/2\]$")
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(.+)$")
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
@@ -142,6 +144,16 @@ class CheckpointReader:
         return self._handles[file]
 
 
+def split_part(target: str) -> tuple[str, int | None]:
+    """ "ffn.w13.weight[1/2]" -> ("ffn.w13.weight", 1); plain names -> (name, None)."""
+    m = _PART.match(target)
+    return (m.group(1), int(m.group(2))) if m else (target, None)
+
+
+def _slot(tensor: torch.Tensor, part: int | None) -> torch.Tensor:
+    return tensor if part is None else tensor.chunk(2, dim=0)[part]
+
+
 def _copy_into(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     if tuple(src.shape) != tuple(dst.shape):
         raise CheckpointError(f"tensor {name!r} has shape {list(src.shape)}, expected {list(dst.shape)}")
@@ -158,11 +170,10 @@ def load_attention_side(
     dtype: torch.dtype = torch.float32,
     reader: CheckpointReader | None = None,
     max_positions: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> Transformer:
     """Everything but the routed experts, as an attention rank holds it."""
-    return _load_transformer(
-        path, dtype, with_routed_experts=False, reader=reader, max_positions=max_positions
-    )
+    return _load_transformer(path, dtype, False, reader, max_positions, device)
 
 
 def load_model(
@@ -170,11 +181,10 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     reader: CheckpointReader | None = None,
     max_positions: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> Transformer:
     """The whole model in one process: attention side plus every routed expert."""
-    return _load_transformer(
-        path, dtype, with_routed_experts=True, reader=reader, max_positions=max_positions
-    )
+    return _load_transformer(path, dtype, True, reader, max_positions, device)
 
 
 def load_experts(
@@ -182,6 +192,7 @@ def load_experts(
     expert_ids: Iterable[int],
     dtype: torch.dtype = torch.float32,
     reader: CheckpointReader | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[int, RoutedExperts]:
     """The given routed experts of every MoE layer, as an expert rank holds them."""
     config = ModelConfig.from_file(path)
@@ -191,7 +202,7 @@ def load_experts(
     if bad:
         raise CheckpointError(f"expert ids {bad} out of range [0, {config.n_routed_experts})")
     experts = {
-        layer: RoutedExperts(config.hidden_size, config.moe_intermediate_size, ids, dtype=dtype)
+        layer: RoutedExperts(config.hidden_size, config.moe_intermediate_size, ids, dtype=dtype).to(device)
         for layer in config.moe_layers
     }
     _fill_experts(reader, config, experts)
@@ -204,6 +215,7 @@ def _load_transformer(
     with_routed_experts: bool,
     reader: CheckpointReader | None,
     max_positions: int | None,
+    device: str | torch.device,
 ) -> Transformer:
     config = ModelConfig.from_file(path)
     reader = reader or CheckpointReader(path)
@@ -213,8 +225,8 @@ def _load_transformer(
     for module in model.modules():
         if isinstance(module, Router):
             module.float()  # routing stays fp32 (as transformers keeps gate.weight)
-    model = model.to_empty(device="cpu")
-    model.rope = RotaryEmbedding(config, max_positions)
+    model = model.to_empty(device=device)
+    model.rope = RotaryEmbedding(config, max_positions).to(device)
     params = dict(model.named_parameters())
     plan = _plan(reader, config)
     wanted = {name: t for name, t in plan.items() if not t.is_routed_expert}
@@ -223,14 +235,20 @@ def _load_transformer(
         assert target.param is not None
         if target.param == "head.weight" and config.tie_word_embeddings:
             continue
-        if target.param not in params:
-            raise CheckpointError(f"unexpected tensor {name!r}: the config has no {target.param}")
-        _copy_into(params[target.param], reader.read(name), name)
+        base, part = split_part(target.param)
+        if base not in params:
+            raise CheckpointError(f"unexpected tensor {name!r}: the config has no {base}")
+        _copy_into(_slot(params[base], part), reader.read(name), name)
         filled.add(target.param)
     if config.tie_word_embeddings:
         model.head.weight = model.embed.weight
         filled.add("head.weight")
-    missing = [p for p in params if p not in filled and not _is_routed_param(p)]
+    fused = {split_part(t)[0] for t in LAYER_NAMES.values() if split_part(t)[1] is not None}
+    fused_params = {p for p in params if any(p.endswith(f) for f in fused)}
+    complete = {
+        p for p in params if p in filled or (p in fused_params and {f"{p}[0/2]", f"{p}[1/2]"} <= filled)
+    }
+    missing = [p for p in params if p not in complete and not _is_routed_param(p)]
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor(s) for: {', '.join(sorted(missing)[:10])}")
     if with_routed_experts:
@@ -254,7 +272,8 @@ def _fill_experts(reader: CheckpointReader, config: ModelConfig, experts: dict[i
                     raise CheckpointError(
                         f"checkpoint is missing routed expert {expert} ({stacked}) of layer {layer}"
                     )
-                _copy_into(getattr(module, stacked)[local], reader.read(name), name)
+                base, part = split_part(stacked)
+                _copy_into(_slot(getattr(module, base)[local], part), reader.read(name), name)
     for (expert_layer, _, _), name in by_key.items():
         if expert_layer is not None and not config.is_moe_layer(expert_layer):
             raise CheckpointError(f"unexpected tensor {name!r}: layer {expert_layer} is dense in the config")
@@ -262,21 +281,31 @@ def _fill_experts(reader: CheckpointReader, config: ModelConfig, experts: dict[i
 
 def checkpoint_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's weights under Hugging Face checkpoint names (the tables above, inverted)."""
-    ours_to_hf = {v: k for k, v in GLOBAL_NAMES.items()}
+
+    def inverse(table: dict[str, str]) -> dict[str, list[tuple[int | None, str]]]:
+        out: dict[str, list[tuple[int | None, str]]] = {}
+        for hf, ours in table.items():
+            base, part = split_part(ours)
+            out.setdefault(base, []).append((part, hf))
+        return out
+
+    global_inv, layer_inv, expert_inv = inverse(GLOBAL_NAMES), inverse(LAYER_NAMES), inverse(EXPERT_NAMES)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        if name in ours_to_hf:
-            out[ours_to_hf[name]] = tensor
+        if name in global_inv:
+            out[global_inv[name][0][1]] = tensor
             continue
         layer_s, rest = name.removeprefix("layers.").split(".", 1)
         if rest.startswith("ffn.experts."):
-            stacked = rest.removeprefix("ffn.experts.")
-            hf_suffix = {v: k for k, v in EXPERT_NAMES.items()}[stacked]
-            for local, expert in enumerate(model.layers[int(layer_s)].ffn.experts.expert_ids):
-                out[f"model.layers.{layer_s}.mlp.experts.{expert}.{hf_suffix}"] = tensor[local]
+            experts = model.layers[int(layer_s)].ffn.experts
+            for part, hf_suffix in expert_inv[rest.removeprefix("ffn.experts.")]:
+                for local, expert in enumerate(experts.expert_ids):
+                    out[f"model.layers.{layer_s}.mlp.experts.{expert}.{hf_suffix}"] = _slot(
+                        tensor[local], part
+                    )
             continue
-        hf_rest = {v: k for k, v in LAYER_NAMES.items()}[rest]
-        out[f"model.layers.{layer_s}.{hf_rest}"] = tensor
+        for part, hf_rest in layer_inv[rest]:
+            out[f"model.layers.{layer_s}.{hf_rest}"] = _slot(tensor, part)
     if model.config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return {k: v.contiguous() for k, v in out.items()}

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Generator
 
 import torch
+
 from moeserve.workers.batch import ForwardBatch, SequenceStep
 from moeserve.workers.kv_cache import PagedLatentCache
 from moeserve.workers.model import Transformer

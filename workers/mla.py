@@ -16,12 +16,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from moeserve.workers.batch import ForwardBatch
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.kv_cache import PagedLatentCache
 from moeserve.workers.norm import RMSNorm
 from moeserve.workers.rope import RotaryEmbedding
-from torch import nn
 
 AttnImpl = Literal["auto", "naive"]
 
@@ -84,9 +85,14 @@ class MLA(nn.Module):
             out[rows_t] = self._absorbed(q_nope[rows_t], q_pe[rows_t], latents, batch.decode_context)
         return self.wo(out.view(t, self.n_heads * self.v_dim))
 
-    def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)  # [H, N+V, C]
-        return w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, N, C], [H, V, C]
+    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, N, C] and W_UV^T [H, C, V], contiguous; built once (weights are frozen at load)."""
+        cached = getattr(self, "_absorbed_cache", None)
+        if cached is None or cached[0].dtype != self.wkv_b.weight.dtype:
+            w = self.wkv_b.weight.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+            cached = (w[:, : self.nope_dim].contiguous(), w[:, self.nope_dim :].transpose(1, 2).contiguous())
+            self._absorbed_cache = cached
+        return cached
 
     def _naive(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, cached: int
@@ -109,13 +115,12 @@ class MLA(nn.Module):
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latents: torch.Tensor, context: torch.Tensor
     ) -> torch.Tensor:
         """Decode: one query per sequence. q [B, H, *], latents [B, L, C+R], context [B]. -> [B, H, V]."""
-        w_uk, w_uv = self._w_uk_uv()
-        c_kv, k_pe = latents.split([self.kv_rank, self.rope_dim], dim=-1)
-        q_lat = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # W_UK absorbed into the query
-        scores = torch.einsum("bhc,blc->bhl", q_lat, c_kv) + torch.einsum("bhr,blr->bhl", q_pe, k_pe)
-        scores = scores.float() * self.scale
+        w_uk, w_uv_t = self._absorbed_weights()
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, C]: W_UK absorbed
+        q_full = torch.cat([q_lat, q_pe], dim=-1)  # [B, H, C+R], MQA query against [c_KV ; k_pe]
+        scores = torch.bmm(q_full, latents.transpose(1, 2)).float() * self.scale  # [B, H, L]
         valid = torch.arange(latents.shape[1], device=latents.device)[None, :] < context[:, None]  # [B, L]
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)
-        o_lat = torch.einsum("bhl,blc->bhc", probs, c_kv)  # [B, H, C]
-        return torch.einsum("bhc,hvc->bhv", o_lat, w_uv)  # W_UV applied after attention
+        probs = scores.softmax(dim=-1).to(latents.dtype)
+        o_lat = torch.bmm(probs, latents[..., : self.kv_rank])  # [B, H, C]
+        return torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, H, V]: W_UV applied after

@@ -10,6 +10,8 @@ Legend: T tokens, S sequences, D hidden, V vocab.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from moeserve.workers.batch import ForwardBatch
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.kv_cache import PagedLatentCache
@@ -17,7 +19,6 @@ from moeserve.workers.mla import MLA, AttnImpl
 from moeserve.workers.moe import MLP, LocalRoutedExecutor, MoE, RoutedExecutor, RoutedExperts
 from moeserve.workers.norm import RMSNorm
 from moeserve.workers.rope import RotaryEmbedding
-from torch import nn
 
 
 class Block(nn.Module):
@@ -66,6 +67,10 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
 
     def local_experts(self) -> dict[int, RoutedExperts]:
         return {

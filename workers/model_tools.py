@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.loader import checkpoint_state_dict
 from moeserve.workers.model import Transformer
-from safetensors.torch import save_file
 
 _TINY = {
     "model_type": "deepseek_v2",

@@ -14,21 +14,27 @@ from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from moeserve.workers.config import ModelConfig
 from torch import nn
+
+from moeserve.workers.config import ModelConfig
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up over the fused [..., 2I] projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: the dense layers and the shared experts."""
+    """SwiGLU feed-forward: the dense layers and the shared experts. Gate and up are one fused matmul."""
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
+        self.w13 = nn.Linear(dim, 2 * inter_dim, bias=False)  # [gate ; up]
         self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w13(x)))
 
 
 class Router(nn.Module):
@@ -76,7 +82,7 @@ def _group_mask(group_scores: torch.Tensor, topk_group: int) -> torch.Tensor:
 
 
 class RoutedExperts(nn.Module):
-    """A set of routed experts stored stacked: w1, w3 [n, I, D] and w2 [n, D, I].
+    """A set of routed experts stored stacked: w13 [n, 2I, D] (gate ; up) and w2 [n, D, I].
 
     `expert_ids[i]` is the global id of local expert i; a single process hosts all of them.
     """
@@ -85,8 +91,7 @@ class RoutedExperts(nn.Module):
         super().__init__()
         self.expert_ids = list(expert_ids)
         n = len(expert_ids)
-        self.w1 = nn.Parameter(torch.empty(n, inter_dim, dim, dtype=dtype))
-        self.w3 = nn.Parameter(torch.empty(n, inter_dim, dim, dtype=dtype))
+        self.w13 = nn.Parameter(torch.empty(n, 2 * inter_dim, dim, dtype=dtype))
         self.w2 = nn.Parameter(torch.empty(n, dim, inter_dim, dtype=dtype))
 
     def forward_sorted(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -96,8 +101,7 @@ class RoutedExperts(nn.Module):
         for i, n in enumerate(counts):
             if n:
                 rows = xs[start : start + n]
-                h = F.silu(rows @ self.w1[i].t()) * (rows @ self.w3[i].t())
-                out[start : start + n] = h @ self.w2[i].t()
+                out[start : start + n] = swiglu(rows @ self.w13[i].t()) @ self.w2[i].t()
                 start += n
         return out
 
@@ -107,7 +111,8 @@ class RoutedExperts(nn.Module):
         for t in range(x.shape[0]):
             for j in range(local_ids.shape[1]):
                 i = int(local_ids[t, j])
-                h = F.silu(x[t] @ self.w1[i].t()) * (x[t] @ self.w3[i].t())
+                gate, up = self.w13[i].chunk(2, dim=0)
+                h = F.silu(x[t] @ gate.t()) * (x[t] @ up.t())
                 out[t] += (h @ self.w2[i].t()).float() * weights[t, j].float()
         return out.to(x.dtype)
 

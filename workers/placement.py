@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from moeserve.workers.config import ModelConfig
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from moeserve.workers.config import ModelConfig, RopeConfig, yarn_mscale
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.ep_generate import LockstepResult, generate_lockstep
 from moeserve.workers.ep_launch import LocalWorld, RankFailure, launch_local
@@ -25,7 +27,6 @@ from moeserve.workers.ep_rank import EPSettings, RankResult, Run
 from moeserve.workers.generate import GenerationSettings, generate
 from moeserve.workers.loader import load_model
 from moeserve.workers.placement import PlacementError
-from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.integration
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from moeserve.workers.generate import GenerationSettings, generate
 from moeserve.workers.loader import load_model
 

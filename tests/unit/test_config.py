@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from moeserve.workers.config import ConfigError, ModelConfig
 
 pytestmark = pytest.mark.unit

@@ -6,6 +6,7 @@ import multiprocessing as mp
 import time
 
 import pytest
+
 from moeserve.workers.ep_world import Watchdog, WorldLayout
 
 pytestmark = pytest.mark.unit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moeserve.workers.kv_cache import BlockAllocator, OutOfBlocks, PagedLatentCache
 
 pytestmark = pytest.mark.unit

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from moeserve.workers.loader import (
     CheckpointError,
     CheckpointReader,
@@ -15,7 +17,6 @@ from moeserve.workers.loader import (
     load_experts,
     load_model,
 )
-from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.unit
 

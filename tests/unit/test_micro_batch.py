@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moeserve.workers.batch import ForwardBatch, SequenceStep
 from moeserve.workers.ep_generate import generate_lockstep
 from moeserve.workers.generate import GenerationSettings, generate, make_cache
@@ -25,7 +26,7 @@ def test_split_steps_keeps_order_and_allows_empty_parts() -> None:
 @pytest.mark.parametrize("name", ["v2", "v3"])
 def test_empty_batch_forward(name: str, reference_checkpoints) -> None:
     model = load_model(reference_checkpoints[name])
-    logits = model(ForwardBatch.build([], 16), make_cache(model, 16))
+    logits = model(ForwardBatch.build([], 16), make_cache(model, [16]))
     assert logits.shape == (0, model.config.vocab_size)
 
 
@@ -74,7 +75,7 @@ def test_micro_batches_interleave_layer_by_layer(reference_checkpoints) -> None:
     log: list[str] = []
     executor = RecordingExecutor(model.local_executor(), log)
     assert isinstance(executor, SplitPhaseRoutedExecutor)
-    cache = make_cache(model, 64)
+    cache = make_cache(model, [16, 16, 16])
     steps = []
     for prompt in [[1, 2], [3, 4, 5], [6]]:
         seq = cache.new_sequence()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from moeserve.workers.batch import ForwardBatch, SequenceStep
 from moeserve.workers.generate import GenerationSettings, generate, make_cache
 from moeserve.workers.loader import load_model
@@ -16,7 +17,7 @@ NAMES = ["v2_lite", "v2", "v3"]
 
 
 def prefill_logits(model: Transformer, ids: list[int], block_size: int = 16) -> torch.Tensor:
-    cache = make_cache(model, len(ids), block_size)
+    cache = make_cache(model, [len(ids)], block_size)
     seq = cache.new_sequence()
     seq.reserve(cache.allocator, len(ids))
     return model(ForwardBatch.build([SequenceStep(ids, 0, seq.blocks)], block_size), cache, all_logits=True)
@@ -68,7 +69,7 @@ def test_absorbed_decode_matches_naive_prefill_at_every_position(name: str, refe
     ids = prompt(40, seed=3)
     naive = prefill_logits(model, ids)  # [40, V], naive MLA
     block_size = 4  # several blocks, so the paging is exercised
-    cache = make_cache(model, len(ids), block_size)
+    cache = make_cache(model, [len(ids)], block_size)
     seq = cache.new_sequence()
     decoded = []
     for pos, token in enumerate(ids):
@@ -92,7 +93,7 @@ def test_chunked_prefill_matches_whole_prefill(reference_checkpoints) -> None:
     model = load_model(reference_checkpoints["v3"])
     ids = prompt(30, seed=4)
     whole = prefill_logits(model, ids)
-    cache = make_cache(model, len(ids), 8)
+    cache = make_cache(model, [len(ids)], 8)
     seq = cache.new_sequence()
     chunks = []
     for start in range(0, 30, 7):

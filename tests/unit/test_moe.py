@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.moe import LocalRoutedExecutor, RoutedExperts, Router
 

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.moe import Router
 from moeserve.workers.placement import ExpertPlacement, PlacementError, parse_map

@@ -1,0 +1,167 @@
+"""The one config of a moeserve Ray Serve application, shared by the app builder and the operator.
+
+The operator generates exactly this (as JSON in a ConfigMap and as the `args` of the Serve
+application); the Ray Serve app builder validates it before anything starts. Pure data and
+validation: no torch, no ray, no kubernetes imports.
+Every error is a `ServeConfigError` whose message starts with the dotted path of the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+
+
+class ServeConfigError(ValueError):
+    """A config that cannot be realised; the message names the field (e.g. `engine.block_size`)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str = ""
+    """Checkpoint directory (Hugging Face layout) readable by every rank; "" = the embedded model."""
+    dtype: Dtype = "bfloat16"
+    """Weight and KV-cache dtype."""
+    max_model_len: int | None = None
+    """Longest prompt + completion in tokens; None = the checkpoint's max_position_embeddings."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_running_requests: int = 64
+    """Requests decoded together per attention rank."""
+    max_waiting_requests: int = 256
+    """Queued requests per attention rank before new ones get RESOURCE_EXHAUSTED."""
+    max_tokens_per_step: int = 2048
+    """Token budget of one step (chunked prefill splits longer prompts)."""
+    kv_cache_tokens: int = 65536
+    """Latent KV-cache capacity per attention rank, in tokens."""
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    grpc: int = 9000
+    """Ray Serve's gRPC proxy port (clients connect here)."""
+    metrics: int = 8080
+    """Prometheus metrics port of each model instance's attention rank 0."""
+
+
+@dataclass(frozen=True)
+class ServeAppConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    replicas: int = 1
+    """Model instances (Serve replicas), each one torch.distributed world."""
+    attention_ranks: int = 1
+    """Data-parallel attention ranks per instance."""
+    expert_ranks: int = 0
+    """Expert ranks per instance; 0 runs the routed experts on the attention ranks."""
+    placement: list[list[int]] | None = None
+    """Routed expert ids hosted by each expert rank; None = contiguous (group-aligned)."""
+    gpus_per_attention_rank: float = 0.0
+    """GPUs a Ray actor of an attention rank asks for (0 on CPU clusters)."""
+    gpus_per_expert_rank: float = 0.0
+    """GPUs a Ray actor of an expert rank asks for."""
+    collective_timeout_s: float = 60.0
+    """Seconds before a rank stuck in a collective gives up and the instance rebuilds."""
+    engine: EngineLimits = field(default_factory=EngineLimits)
+    ports: Ports = field(default_factory=Ports)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> ServeAppConfig:
+        if not isinstance(raw, dict):
+            raise ServeConfigError(f"config: expected a mapping, got {type(raw).__name__}")
+        cfg = _build(cls, raw, "")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        _check(self.replicas >= 1, "replicas", "must be >= 1")
+        _check(self.attention_ranks >= 1, "attention_ranks", "must be >= 1")
+        _check(self.expert_ranks >= 0, "expert_ranks", "must be >= 0")
+        _check(self.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}")
+        _check(
+            self.model.max_model_len is None or self.model.max_model_len >= 1,
+            "model.max_model_len",
+            "must be >= 1",
+        )
+        _check(self.gpus_per_attention_rank >= 0, "gpus_per_attention_rank", "must be >= 0")
+        _check(self.gpus_per_expert_rank >= 0, "gpus_per_expert_rank", "must be >= 0")
+        _check(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0")
+        e = self.engine
+        for name in ("max_running_requests", "max_waiting_requests", "max_tokens_per_step", "block_size"):
+            _check(getattr(e, name) >= 1, f"engine.{name}", "must be >= 1")
+        _check(e.kv_cache_tokens >= e.block_size, "engine.kv_cache_tokens", "must hold at least one block")
+        for name in ("grpc", "metrics"):
+            port = getattr(self.ports, name)
+            _check(1 <= port <= 65535, f"ports.{name}", f"{port} is not a valid port")
+        _check(self.ports.grpc != self.ports.metrics, "ports.metrics", "must differ from ports.grpc")
+        if self.placement is not None:
+            _check(self.expert_ranks > 0, "placement", "given but expert_ranks is 0")
+            _check(
+                len(self.placement) == self.expert_ranks,
+                "placement",
+                f"has {len(self.placement)} entries for {self.expert_ranks} expert ranks",
+            )
+            hosted = [e for rank in self.placement for e in rank]
+            dupes = sorted({e for e in hosted if hosted.count(e) > 1})
+            _check(not dupes, "placement", f"experts {dupes} are hosted more than once")
+            _check(all(e >= 0 for e in hosted), "placement", "expert ids must be >= 0")
+            _check(all(rank for rank in self.placement), "placement", "every expert rank must host an expert")
+
+
+def _check(ok: bool, path: str, message: str) -> None:
+    if not ok:
+        raise ServeConfigError(f"{path}: {message}")
+
+
+_NESTED = {"model": ModelSpec, "engine": EngineLimits, "ports": Ports}
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ServeConfigError(f"{prefix}{unknown[0]}: unknown field")
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        path = f"{prefix}{name}"
+        if name in _NESTED and cls is ServeAppConfig:
+            if not isinstance(value, dict):
+                raise ServeConfigError(f"{path}: expected a mapping")
+            kwargs[name] = _build(_NESTED[name], value, f"{path}.")
+        else:
+            kwargs[name] = _coerce(value, known[name].type, path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    text = str(annotation)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ServeConfigError(f"{path}: must not be null")
+    if "list[list[int]]" in text:
+        if not (isinstance(value, list) and all(isinstance(r, list) for r in value)):
+            raise ServeConfigError(f"{path}: expected a list of lists of expert ids")
+        if not all(isinstance(e, int) and not isinstance(e, bool) for r in value for e in r):
+            raise ServeConfigError(f"{path}: expert ids must be integers")
+        return [list(r) for r in value]
+    if text.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ServeConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if text.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ServeConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ServeConfigError(f"{path}: expected a string, got {value!r}")
+    return value
