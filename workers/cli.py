@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moeserve.workers import ep_cli
+
 if TYPE_CHECKING:
     from moeserve.workers.tokenizer import Tokenizer
 
@@ -45,23 +47,6 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
 def _token_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.split(",") if t.strip()]
@@ -89,14 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
-    ep = gen.add_argument_group("expert parallelism (local processes, gloo)")
-    ep.add_argument("--attention-ranks", type=_positive_int, default=1, help="A; prompts go round robin")
-    ep.add_argument("--expert-ranks", type=_non_negative_int, default=0, help="E; 0 = single process")
-    ep.add_argument("--ping-pong", action="store_true", help="decode in two interleaved micro-batches")
-    ep.add_argument(
-        "--collective-timeout", type=_positive_float, default=60.0, help="seconds before a stuck rank fails"
-    )
-    ep.add_argument("--expert-map", default=None, help="experts per expert rank, e.g. '0-7;8-15'")
 
     model = sub.add_parser("model", help="model tools")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -105,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", type=Path, required=True)
     init.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     init.add_argument("--seed", type=int, default=0)
+    ep_cli.add_arguments(gen)
     return parser
 
 
@@ -136,8 +114,10 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     prompts = [tokenizer.encode(p) for p in args.prompt] if tokenizer and args.prompt else args.prompt_ids
     if any(not p for p in prompts):
         parser.error("--prompt: a prompt encodes to no tokens")
-    if args.expert_ranks or args.attention_ranks > 1 or args.ping_pong or args.expert_map:
-        return _generate_expert_parallel(parser, args, path, prompts, tokenizer)
+    if ep_cli.requested(args):
+        return _print_outputs(
+            args, prompts, ep_cli.generate(parser, args, path, prompts, DTYPES[args.dtype]), tokenizer
+        )
     try:
         model = load_model(path, DTYPES[args.dtype])
     except (ConfigError, CheckpointError) as e:
@@ -146,59 +126,18 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if any(t >= vocab for p in prompts for t in p):
         parser.error(f"--prompt-ids: token id out of range (vocab size {vocab})")
     settings = GenerationSettings(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    outputs = generate(model, prompts, settings)
-    _print_outputs(args, prompts, outputs, tokenizer)
-    return 0
+    return _print_outputs(args, prompts, generate(model, prompts, settings), tokenizer)
 
 
 def _print_outputs(
     args: argparse.Namespace, prompts: list[list[int]], outputs: list[list[int]], tokenizer: Tokenizer | None
-) -> None:
+) -> int:
     for prompt_text, ids in zip(args.prompt or [None] * len(prompts), outputs, strict=True):
         text = tokenizer.decode(ids) if tokenizer else None
         if args.json:
             print(json.dumps({"prompt": prompt_text, "token_ids": ids, "text": text}))
         else:
             print(text if text is not None else " ".join(map(str, ids)))
-
-
-def _generate_expert_parallel(
-    parser: argparse.ArgumentParser,
-    args: argparse.Namespace,
-    path: Path,
-    prompts: list[list[int]],
-    tokenizer: Tokenizer | None,
-) -> int:
-    """A attention ranks + E expert ranks as local processes; same output as the single process."""
-    from moeserve.workers.config import ConfigError, ModelConfig
-    from moeserve.workers.ep_launch import RankFailure, launch_local
-    from moeserve.workers.ep_rank import EPSettings, Run
-    from moeserve.workers.generate import GenerationSettings
-    from moeserve.workers.placement import PlacementError, parse_map
-
-    a, e = args.attention_ranks, args.expert_ranks
-    if e == 0:
-        parser.error("--attention-ranks > 1, --ping-pong and --expert-map need --expert-ranks >= 1")
-    try:
-        config = ModelConfig.from_file(path)
-        explicit = tuple(tuple(r) for r in parse_map(args.expert_map)) if args.expert_map else None
-        settings = EPSettings(a, e, args.collective_timeout, dtype=DTYPES[args.dtype], placement=explicit)
-        settings.expert_placement(config)  # a bad map is rejected here, before any process starts
-    except ConfigError as err:
-        parser.error(f"--model: {err}")
-    except PlacementError as err:
-        parser.error(f"--expert-ranks/--expert-map: {err}")
-    if any(t >= config.vocab_size for p in prompts for t in p):
-        parser.error(f"--prompt-ids: token id out of range (vocab size {config.vocab_size})")
-    generation = GenerationSettings(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    per_rank = tuple(prompts[r::a] for r in range(a))  # round robin
-    try:
-        results = launch_local(path, settings, [Run(per_rank, generation, ping_pong=args.ping_pong)])
-    except RankFailure as err:
-        print(f"moeserve generate: {err}", file=sys.stderr)
-        return 1
-    outputs = [results[i % a].token_ids[0][i // a] for i in range(len(prompts))]
-    _print_outputs(args, prompts, outputs, tokenizer)
     return 0
 
 
