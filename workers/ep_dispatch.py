@@ -8,8 +8,9 @@ Per MoE layer and micro-batch, every rank of the world joins the same four colle
 3. (expert ranks) group the received (token, choice) pairs by local expert, run them with
    `RoutedExperts.forward_sorted` and sum each token's weighted outputs;
 4. combine: all-to-all of those partial sums [M, D] back; the attention rank adds them up per token.
-Attention ranks start the combine right after the dispatch, so the shared experts (and, with
-ping-pong, the other micro-batch) run while their tokens are away. Expert ranks never send to
+Attention ranks never block in `start`: they need no counts back (they receive nothing in (2)
+and know what returns in (4)), so they start (1), (2) and (4) at once, and the shared experts
+(and, with ping-pong, the other micro-batch) run while their tokens are away. Expert ranks never send to
 attention ranks in (2), attention ranks never receive in it; both just use zero-sized splits.
 This module moves tensors; it does not decide steps, micro-batches or placement.
 Legend: T tokens, K choices per token, M rows sent/received, D hidden, N world size, R expert ranks.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +40,11 @@ class DispatchStats:
     bytes_received: int = 0
     layer_calls: int = 0  # MoE layer x micro-batch invocations
     max_ranks_per_token: int = 0  # most expert ranks one token was sent to
+
+    def reset(self) -> None:
+        """Forget everything so far (e.g. the prefill step, to profile decode alone)."""
+        self.seconds.clear()
+        self.bytes_sent = self.bytes_received = self.layer_calls = self.max_ranks_per_token = 0
 
     def add(self, phase: str, since: float) -> float:
         now = time.perf_counter()
@@ -125,11 +132,13 @@ class AllToAllExecutor:
         send = torch.zeros(world.layout.size, dtype=torch.long, device=x.device)
         send[a:] = counts
         what = f"dispatch of MoE layer {layer}"
-        world.exchange_counts(send, f"token counts of MoE layer {layer}")  # [N] -> [N]
+        # this rank receives nothing in the dispatch, so it need not wait for the counts
+        recv, counts_work = world.start_count_exchange(send, f"token counts of MoE layer {layer}")
         splits = send.tolist()
         none = [0] * world.layout.size
         d, k = x.shape[-1], ids.shape[-1]
         works = [
+            counts_work,
             world.all_to_all(xs.new_empty(0, d), xs, none, splits, what),  # [M, D] -> [0, D]
             world.all_to_all(local.new_empty(0, k), local, none, splits, what),  # [M, K] -> [0, K]
             world.all_to_all(w.new_empty(0, k), w, none, splits, what),  # [M, K] -> [0, K]
@@ -144,7 +153,7 @@ class AllToAllExecutor:
             if t:
                 self.stats.max_ranks_per_token = max(self.stats.max_ranks_per_token, int(hit.sum(1).max()))
             self.stats.add("dispatch", t0)
-        return PendingCombine(self, layer, token, out, works, t, [xs, local, w, send, combine_send])
+        return PendingCombine(self, layer, token, out, works, t, [xs, local, w, send, recv, combine_send])
 
 
 class ExpertServer:
@@ -163,14 +172,18 @@ class ExpertServer:
         self.stats = stats
         self._sending: list[tuple[dist.Work, torch.Tensor]] = []
 
-    def serve(self) -> int:
-        """Run steps until no attention rank has work; returns the number of steps served."""
+    def serve(self, on_step: Callable[[int], None] | None = None) -> int:
+        """Run steps until no attention rank has work; returns the number of steps served.
+
+        `on_step(i)` runs as step i begins (the same step index the attention ranks see)."""
         steps = 0
         while True:
             go, micro_batches = self.world.step_control(active=False, micro_batches=0)
             if not go:
                 self._drain()
                 return steps
+            if on_step is not None:
+                on_step(steps)
             for layer in sorted(self.experts_by_layer):
                 for _ in range(micro_batches):
                     self.serve_layer(layer)

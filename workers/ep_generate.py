@@ -12,6 +12,8 @@ It knows nothing about processes, placement or tokenization.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +33,7 @@ class LockstepResult:
     token_ids: list[list[int]]
     logits: list[torch.Tensor] = field(default_factory=list)
     steps: int = 0  # steps this rank took part in, empty ones included
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step
 
 
 def wanted_micro_batches(steps: list[SequenceStep], ping_pong: bool) -> int:
@@ -48,8 +51,11 @@ def generate_lockstep(
     ping_pong: bool = False,
     block_size: int = 16,
     record_logits: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> LockstepResult:
-    """Generate for this rank's prompts (possibly none) while the world has work."""
+    """Generate for this rank's prompts (possibly none) while the world has work.
+
+    `on_step(i)` runs as step i begins, after the step-control collective (step 0 is the prefill)."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.device
@@ -65,6 +71,7 @@ def generate_lockstep(
     active = list(range(len(prompts)))
     pending = [list(p) for p in prompts]  # tokens to feed next step
     while True:
+        t0 = time.perf_counter()  # a step's time includes its step-control collective
         steps = []
         for i in active:
             seqs[i].reserve(cache.allocator, len(pending[i]))
@@ -76,6 +83,8 @@ def generate_lockstep(
             go = bool(active)
         if not go:
             break
+        if on_step is not None:
+            on_step(result.steps)
         result.steps += 1
         if micro == 1:  # the no-split path: the model's own forward
             logits = model(ForwardBatch.build(steps, block_size, device), cache, routed)
@@ -83,6 +92,7 @@ def generate_lockstep(
             parts = [ForwardBatch.build(p, block_size, device) for p in split_steps(steps, micro)]
             logits = torch.cat(forward_micro_batches(model, parts, cache, routed))  # [S, V]
         if not active:
+            result.step_seconds.append(time.perf_counter() - t0)
             continue
         next_ids = sample(logits, settings.temperature, generator).tolist()
         still = []
@@ -95,6 +105,7 @@ def generate_lockstep(
             if len(result.token_ids[i]) < settings.max_tokens and token not in eos:
                 still.append(i)
         active = still
+        result.step_seconds.append(time.perf_counter() - t0)
     for seq in seqs:
         seq.release(cache.allocator)
     if record_logits:

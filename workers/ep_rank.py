@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.hooks import RemovableHandle
 
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.ep_dispatch import AllToAllExecutor, DispatchStats, ExpertServer
@@ -26,6 +27,8 @@ from moeserve.workers.ep_generate import generate_lockstep
 from moeserve.workers.ep_world import Backend, CollectiveError, Role, WorldLayout, init_world
 from moeserve.workers.generate import GenerationSettings
 from moeserve.workers.loader import load_attention_side, load_experts
+from moeserve.workers.model import Transformer
+from moeserve.workers.moe import MoE
 from moeserve.workers.placement import ExpertPlacement
 
 # (kind, rank, payload): kind is "ready", "done" (payload RankResult) or "error" (payload RankError)
@@ -69,6 +72,7 @@ class Run:
     generation: GenerationSettings = GenerationSettings()
     ping_pong: bool = False
     record_logits: bool = False
+    profile: bool = False  # time the routers too; stats cover decode steps only (step 0 is the prefill)
 
 
 @dataclass
@@ -82,6 +86,7 @@ class RankResult:
     stats: list[dict[str, Any]] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    step_seconds: list[list[float]] = field(default_factory=list)  # attention ranks
     weight_bytes: int = 0  # parameters this rank holds
     peak_rss_bytes: int = 0
 
@@ -125,6 +130,7 @@ def run_rank(
         report("ready", rank, None)
         for run in runs:
             stats, t0 = DispatchStats(), time.perf_counter()
+            hooks = time_routers(model, stats) if run.profile else []
             out = generate_lockstep(
                 model,
                 run.prompts[rank],
@@ -134,8 +140,12 @@ def run_rank(
                 run.ping_pong,
                 settings.block_size,
                 run.record_logits,
+                _reset_after_prefill(stats) if run.profile else None,
             )
+            for hook in hooks:
+                hook.remove()
             result.seconds.append(time.perf_counter() - t0)
+            result.step_seconds.append(out.step_seconds)
             result.token_ids.append(out.token_ids)
             result.logits.append(out.logits)
             result.steps.append(out.steps)
@@ -146,15 +156,42 @@ def run_rank(
         result.weight_bytes = _param_bytes(p for e in experts.values() for p in e.parameters())
         world.wait_for_all_ranks()
         report("ready", rank, None)
-        for _ in runs:
+        for run in runs:
             stats, t0 = DispatchStats(), time.perf_counter()
-            steps = ExpertServer(world, experts, config.num_experts_per_tok, stats).serve()
+            server = ExpertServer(world, experts, config.num_experts_per_tok, stats)
+            steps = server.serve(_reset_after_prefill(stats) if run.profile else None)
             result.seconds.append(time.perf_counter() - t0)
             result.steps.append(steps)
             result.stats.append(stats.as_dict())
     result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     dist.destroy_process_group()
     return result
+
+
+def time_routers(model: Transformer, stats: DispatchStats) -> list[RemovableHandle]:
+    """Add each MoE router's time to stats.seconds["router"] (hooks; remove them when done)."""
+    started: list[float] = []
+
+    def before(*_: Any) -> None:
+        started.append(time.perf_counter())
+
+    def after(*_: Any) -> None:  # returns None: the router's output stays as it is
+        stats.add("router", started.pop())
+
+    hooks: list[RemovableHandle] = []
+    for block in model.layers:
+        if isinstance(block.ffn, MoE):
+            gate = block.ffn.gate
+            hooks += [gate.register_forward_pre_hook(before), gate.register_forward_hook(after)]
+    return hooks
+
+
+def _reset_after_prefill(stats: DispatchStats) -> Callable[[int], None]:
+    def on_step(step: int) -> None:
+        if step == 1:
+            stats.reset()
+
+    return on_step
 
 
 def describe_error(world_name: str, error: BaseException) -> RankError:

@@ -170,11 +170,16 @@ class EPWorld:
         assert work is not None
         self.wait([work], what, self.startup_timeout_s)  # [1] SUM: a barrier
 
-    def exchange_counts(self, send: torch.Tensor, what: str) -> list[int]:
-        """send [N] int64 rows this rank sends to each rank -> [N] rows it receives from each."""
+    def start_count_exchange(self, send: torch.Tensor, what: str) -> tuple[torch.Tensor, dist.Work]:
+        """send [N] int64 rows this rank sends to each rank -> ([N] rows it receives from each, work)."""
         recv = torch.empty_like(send)
         splits = [1] * self.layout.size
-        self.wait([self.all_to_all(recv, send, splits, splits, what)], what)  # [N] -> [N]
+        return recv, self.all_to_all(recv, send, splits, splits, what)  # [N] -> [N]
+
+    def exchange_counts(self, send: torch.Tensor, what: str) -> list[int]:
+        """`start_count_exchange`, waited for: [N] rows received from each rank."""
+        recv, work = self.start_count_exchange(send, what)
+        self.wait([work], what)
         return recv.tolist()
 
     def step_control(self, active: bool, micro_batches: int) -> tuple[bool, int]:
