@@ -69,7 +69,7 @@ def test_world_matches_single_process(name: str, a: int, e: int, reference_check
     path = reference_checkpoints[name]
     ref = reference(path, PROMPTS)
     round_robin = [list(range(r, len(PROMPTS), a)) for r in range(a)]
-    uneven = [[]] * (a - 1) + [[0, 1, 2]]  # the last attention rank takes 3, the others none
+    uneven: list[list[int]] = [[]] * (a - 1) + [[0, 1, 2]]  # the last rank takes 3, the others none
     runs = [
         Run(tuple([PROMPTS[i] for i in ids] for ids in round_robin), SETTINGS, False, True),
         Run(tuple([PROMPTS[i] for i in ids] for ids in round_robin), SETTINGS, True, True),
@@ -77,8 +77,12 @@ def test_world_matches_single_process(name: str, a: int, e: int, reference_check
     ]
     results = launch_local(path, EPSettings(a, e, collective_timeout_s=60), runs)
 
-    assert_matches(gathered(results, 0, round_robin), ref)  # no split
-    assert_matches(gathered(results, 1, round_robin), ref)  # ping-pong
+    plain, split = gathered(results, 0, round_robin), gathered(results, 1, round_robin)
+    assert_matches(plain, ref)  # no split
+    assert_matches(split, ref)  # ping-pong
+    for i in plain:  # and the two paths agree with each other
+        assert split[i][0] == plain[i][0]
+        assert (split[i][1] - plain[i][1]).abs().max().item() <= 1e-5
     uneven_ref = LockstepResult(ref.token_ids[:3], ref.logits[:3])
     assert_matches(gathered(results, 2, uneven), uneven_ref)
     # every rank took part in every step, idle attention ranks included
