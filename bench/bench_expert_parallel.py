@@ -208,8 +208,9 @@ def main() -> None:
             f"         {r['combine_ms']:>7.2f}"
         )
     print(
-        "  (dispatch: pack + count exchange + start; combine wait: until the expert ranks' results are"
-        " back, so it contains their compute when nothing overlaps it)"
+        "  (dispatch: pack + start the count exchange, dispatch and combine, which never blocks; combine\n"
+        "   wait: until the expert ranks' results are back, so it holds their compute when nothing overlaps\n"
+        "   it. Ping-pong overlaps the ranks' compute, which pays only if each rank has cores of its own.)"
     )
 
     print("\nall-to-all bytes per decode step (attention rank)   sent (dispatch)   received (combine)")
