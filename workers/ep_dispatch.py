@@ -170,7 +170,7 @@ class ExpertServer:
         self.top_k = top_k
         self.experts_by_layer = experts_by_layer
         self.stats = stats
-        self._sending: list[tuple[dist.Work, torch.Tensor]] = []
+        self._sending: list[tuple[dist.Work, list[torch.Tensor]]] = []  # buffers outlive their sends
 
     def serve(self, on_step: Callable[[int], None] | None = None) -> int:
         """Run steps until no attention rank has work; returns the number of steps served.
@@ -225,9 +225,8 @@ class ExpertServer:
         self._drain()
         what = f"combine of MoE layer {layer}"
         empty = partial.new_empty(0, d)
-        self._sending.append(
-            (world.all_to_all(empty, partial, none, recv, what), partial)
-        )  # [M, D] -> [0, D]
+        work = world.all_to_all(empty, partial, none, recv, what)  # [M, D] -> [0, D]
+        self._sending.append((work, [empty, partial]))
         if stats is not None:
             stats.layer_calls += 1
             stats.bytes_received += _nbytes(send, xs, local, w)
