@@ -10,8 +10,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from moeserve.workers import ep_cli
+
+if TYPE_CHECKING:
+    from moeserve.workers.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", type=Path, required=True)
     init.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     init.add_argument("--seed", type=int, default=0)
+    ep_cli.add_arguments(gen)
     return parser
 
 
@@ -107,6 +114,10 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     prompts = [tokenizer.encode(p) for p in args.prompt] if tokenizer and args.prompt else args.prompt_ids
     if any(not p for p in prompts):
         parser.error("--prompt: a prompt encodes to no tokens")
+    if ep_cli.requested(args):
+        return _print_outputs(
+            args, prompts, ep_cli.generate(parser, args, path, prompts, DTYPES[args.dtype]), tokenizer
+        )
     try:
         model = load_model(path, DTYPES[args.dtype])
     except (ConfigError, CheckpointError) as e:
@@ -115,7 +126,12 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if any(t >= vocab for p in prompts for t in p):
         parser.error(f"--prompt-ids: token id out of range (vocab size {vocab})")
     settings = GenerationSettings(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    outputs = generate(model, prompts, settings)
+    return _print_outputs(args, prompts, generate(model, prompts, settings), tokenizer)
+
+
+def _print_outputs(
+    args: argparse.Namespace, prompts: list[list[int]], outputs: list[list[int]], tokenizer: Tokenizer | None
+) -> int:
     for prompt_text, ids in zip(args.prompt or [None] * len(prompts), outputs, strict=True):
         text = tokenizer.decode(ids) if tokenizer else None
         if args.json:

@@ -10,7 +10,7 @@ Legend: T tokens, K experts per token, E experts, D hidden, I expert intermediat
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +142,42 @@ class RoutedExecutor(Protocol):
     ) -> torch.Tensor: ...
 
 
+class PendingRouted(Protocol):
+    """Routed-expert output on its way back; `wait` returns it [T, D]."""
+
+    def wait(self) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class SplitPhaseRoutedExecutor(RoutedExecutor, Protocol):
+    """A RoutedExecutor whose experts are elsewhere: `start` sends the tokens and returns at once,
+    so the caller can compute (shared experts, another micro-batch) while they are away."""
+
+    def start(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> PendingRouted: ...
+
+
+class _Done:
+    def __init__(self, y: torch.Tensor):
+        self.y = y
+
+    def wait(self) -> torch.Tensor:
+        return self.y
+
+
+class PendingMoE:
+    """An MoE layer whose routed part is in flight: `wait` returns routed + shared [T, D]."""
+
+    def __init__(self, routed: PendingRouted, shared: torch.Tensor | None):
+        self.routed = routed
+        self.shared = shared
+
+    def wait(self) -> torch.Tensor:
+        y = self.routed.wait()
+        return y if self.shared is None else y + self.shared
+
+
 class LocalRoutedExecutor:
     """Every routed expert in this process: sort, grouped matmuls, combine."""
 
@@ -176,8 +212,14 @@ class MoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, routed: RoutedExecutor) -> torch.Tensor:
+        return self.start(x, routed).wait()
+
+    def start(self, x: torch.Tensor, routed: RoutedExecutor) -> PendingMoE:
+        """Route x; with a split-phase executor the shared experts run while the tokens are away."""
         weights, ids = self.gate(x)
-        y = routed(self.layer, x, ids, weights)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
+        if isinstance(routed, SplitPhaseRoutedExecutor):
+            pending: PendingRouted = routed.start(self.layer, x, ids, weights)
+        else:
+            pending = _Done(routed(self.layer, x, ids, weights))
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        return PendingMoE(pending, shared)

@@ -1,0 +1,95 @@
+"""`moeserve generate --attention-ranks A --expert-ranks E`: the expert-parallel flags of the CLI.
+
+Adds the flags to the generate subparser, rejects invalid combinations with `parser.error`
+(exit code 2) before any process starts, spreads prompts over the attention ranks round robin,
+runs one local world and returns the generated ids in prompt order. A failed rank is printed with
+the launcher's message and ends the command with exit code 1. Printing results is `cli.py`'s job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def add_arguments(gen: argparse.ArgumentParser) -> None:
+    ep = gen.add_argument_group("expert parallelism (local processes, gloo)")
+    ep.add_argument("--attention-ranks", type=_positive_int, default=1, help="A; prompts go round robin")
+    ep.add_argument("--expert-ranks", type=_non_negative_int, default=0, help="E; 0 = single process")
+    ep.add_argument("--ping-pong", action="store_true", help="decode in two interleaved micro-batches")
+    ep.add_argument(
+        "--collective-timeout", type=_positive_float, default=60.0, help="seconds before a stuck rank fails"
+    )
+    ep.add_argument("--expert-map", default=None, help="experts per expert rank, e.g. '0-7;8-15'")
+
+
+def requested(args: argparse.Namespace) -> bool:
+    return bool(args.expert_ranks or args.attention_ranks > 1 or args.ping_pong or args.expert_map)
+
+
+def generate(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    path: Path,
+    prompts: list[list[int]],
+    dtype: torch.dtype,
+) -> list[list[int]]:
+    """Generated ids per prompt from A attention ranks + E expert ranks (local processes)."""
+    from moeserve.workers.config import ConfigError, ModelConfig
+    from moeserve.workers.ep_launch import RankFailure, launch_local
+    from moeserve.workers.ep_rank import EPSettings, Run
+    from moeserve.workers.generate import GenerationSettings
+    from moeserve.workers.placement import PlacementError, parse_map
+
+    a, e = args.attention_ranks, args.expert_ranks
+    if e == 0:
+        parser.error("--attention-ranks > 1, --ping-pong and --expert-map need --expert-ranks >= 1")
+    try:
+        config = ModelConfig.from_file(path)
+        explicit = tuple(tuple(r) for r in parse_map(args.expert_map)) if args.expert_map else None
+        settings = EPSettings(a, e, args.collective_timeout, dtype=dtype, placement=explicit)
+        settings.expert_placement(config)  # a bad map is rejected here, before any process starts
+    except ConfigError as err:
+        parser.error(f"--model: {err}")
+    except PlacementError as err:
+        parser.error(f"--expert-ranks/--expert-map: {err}")
+    if any(t >= config.vocab_size for p in prompts for t in p):
+        parser.error(f"--prompt-ids: token id out of range (vocab size {config.vocab_size})")
+    generation = GenerationSettings(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    per_rank = tuple(prompts[r::a] for r in range(a))  # round robin
+    try:
+        results = launch_local(path, settings, [Run(per_rank, generation, ping_pong=args.ping_pong)])
+    except RankFailure as err:
+        print(f"moeserve generate: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return [results[i % a].token_ids[0][i // a] for i in range(len(prompts))]

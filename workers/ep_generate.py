@@ -1,0 +1,113 @@
+"""Offline generation on one attention rank, in lockstep with the rest of an expert-parallel world.
+
+The loop of `generate.generate`, plus two rules that keep all-to-all from deadlocking:
+- every step starts with `EPWorld.step_control`, which every rank joins; the world stops only when
+  no attention rank has work left, and a rank whose own requests are done keeps stepping with an
+  empty batch until then (expert ranks learn "continue" or "stop" from the same collective);
+- the number of micro-batches is agreed in that collective too (the maximum asked for), so every
+  rank issues the same collectives in the same order.
+With `world=None` it runs alone over any executor, the single-process reference for tests.
+It knows nothing about processes, placement or tokenization.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from moeserve.workers.batch import ForwardBatch, SequenceStep
+from moeserve.workers.ep_world import EPWorld
+from moeserve.workers.generate import GenerationSettings, make_cache, sample
+from moeserve.workers.micro_batch import forward_micro_batches, split_steps
+from moeserve.workers.model import Transformer
+from moeserve.workers.moe import RoutedExecutor
+
+
+@dataclass
+class LockstepResult:
+    """Generated ids per prompt; with `record_logits`, logits [n_generated, V] fp32 per prompt."""
+
+    token_ids: list[list[int]]
+    logits: list[torch.Tensor] = field(default_factory=list)
+    steps: int = 0  # steps this rank took part in, empty ones included
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step
+
+
+def wanted_micro_batches(steps: list[SequenceStep], ping_pong: bool) -> int:
+    """Two for a decode-only batch of two or more sequences when ping-pong is on, else one."""
+    decode_only = bool(steps) and all(len(s.new_token_ids) == 1 for s in steps)
+    return 2 if ping_pong and decode_only and len(steps) >= 2 else 1
+
+
+def generate_lockstep(
+    model: Transformer,
+    prompts: list[list[int]],
+    settings: GenerationSettings,
+    routed: RoutedExecutor,
+    world: EPWorld | None = None,
+    ping_pong: bool = False,
+    block_size: int = 16,
+    record_logits: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> LockstepResult:
+    """Generate for this rank's prompts (possibly none) while the world has work.
+
+    `on_step(i)` runs as step i begins, after the step-control collective (step 0 is the prefill)."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.device
+    lengths = [len(p) + settings.max_tokens for p in prompts]
+    cache = make_cache(model, lengths or [1], block_size)  # an idle rank still needs a (tiny) cache
+    generator = None
+    if settings.seed is not None:  # one stream per attention rank
+        generator = torch.Generator(device=device).manual_seed(settings.seed + (world.rank if world else 0))
+    eos = set(model.config.eos_token_ids) if settings.stop_at_eos else set()
+    seqs = [cache.new_sequence() for _ in prompts]
+    result = LockstepResult([[] for _ in prompts])
+    logits_of: list[list[torch.Tensor]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))
+    pending = [list(p) for p in prompts]  # tokens to feed next step
+    while True:
+        t0 = time.perf_counter()  # a step's time includes its step-control collective
+        steps = []
+        for i in active:
+            seqs[i].reserve(cache.allocator, len(pending[i]))
+            steps.append(SequenceStep(pending[i], seqs[i].num_tokens, seqs[i].blocks))
+        micro = wanted_micro_batches(steps, ping_pong)
+        if world is not None:
+            go, micro = world.step_control(active=bool(active), micro_batches=micro)
+        else:
+            go = bool(active)
+        if not go:
+            break
+        if on_step is not None:
+            on_step(result.steps)
+        result.steps += 1
+        if micro == 1:  # the no-split path: the model's own forward
+            logits = model(ForwardBatch.build(steps, block_size, device), cache, routed)
+        else:
+            parts = [ForwardBatch.build(p, block_size, device) for p in split_steps(steps, micro)]
+            logits = torch.cat(forward_micro_batches(model, parts, cache, routed))  # [S, V]
+        if not active:
+            result.step_seconds.append(time.perf_counter() - t0)
+            continue
+        next_ids = sample(logits, settings.temperature, generator).tolist()
+        still = []
+        for row, (i, token) in enumerate(zip(active, next_ids, strict=True)):
+            seqs[i].num_tokens += len(pending[i])
+            result.token_ids[i].append(token)
+            if record_logits:
+                logits_of[i].append(logits[row].cpu())
+            pending[i] = [token]
+            if len(result.token_ids[i]) < settings.max_tokens and token not in eos:
+                still.append(i)
+        active = still
+        result.step_seconds.append(time.perf_counter() - t0)
+    for seq in seqs:
+        seq.release(cache.allocator)
+    if record_logits:
+        result.logits = [torch.stack(rows) for rows in logits_of]
+    return result

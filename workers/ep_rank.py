@@ -1,0 +1,204 @@
+"""The program of one rank of an expert-parallel model instance, whatever starts it.
+
+An attention rank loads the attention side (`load_attention_side`) and runs `generate_lockstep`
+for its prompts with an `AllToAllExecutor`; an expert rank loads its experts of every MoE layer
+(`load_experts`, per the placement) and runs `ExpertServer.serve`. Both run the same list of
+`Run`s, so one world can serve several generations in turn. Progress and the outcome go to a
+`Reporter` ("ready", "done" with a `RankResult`, or "error" with a message); how processes are
+started and supervised is the launcher's business (`ep_launch`).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.hooks import RemovableHandle
+
+from moeserve.workers.config import ModelConfig
+from moeserve.workers.ep_dispatch import AllToAllExecutor, DispatchStats, ExpertServer
+from moeserve.workers.ep_generate import generate_lockstep
+from moeserve.workers.ep_world import Backend, CollectiveError, Role, WorldLayout, init_world
+from moeserve.workers.generate import GenerationSettings
+from moeserve.workers.loader import load_attention_side, load_experts
+from moeserve.workers.model import Transformer
+from moeserve.workers.moe import MoE
+from moeserve.workers.placement import ExpertPlacement
+
+# (kind, rank, payload): kind is "ready", "done" (payload RankResult) or "error" (payload RankError)
+Reporter = Callable[[str, int, Any], None]
+
+
+@dataclass(frozen=True)
+class EPSettings:
+    """How one expert-parallel model instance runs; every rank gets the same copy."""
+
+    attention_ranks: int = 1
+    """A: data-parallel attention ranks, each with its own requests and latent KV cache (>= 1)."""
+    expert_ranks: int = 1
+    """E: ranks holding the routed experts (>= 1; 0 is the single-process path, not this one)."""
+    collective_timeout_s: float = 60.0
+    """Seconds any collective of a step may wait for its peers before the rank fails (gloo/NCCL)."""
+    startup_timeout_s: float = 600.0
+    """Seconds ranks wait for each other to start and load their weights."""
+    backend: Backend = "gloo"
+    """gloo (CPU tensors) or nccl (one GPU per rank)."""
+    dtype: torch.dtype = torch.float32
+    """Weights and activations; routing stays fp32."""
+    placement: tuple[tuple[int, ...], ...] | None = None
+    """Explicit expert map (global expert ids per expert rank); None: `ExpertPlacement.for_model`."""
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+
+    @property
+    def layout(self) -> WorldLayout:
+        return WorldLayout(self.attention_ranks, self.expert_ranks)
+
+    def expert_placement(self, config: ModelConfig) -> ExpertPlacement:
+        return ExpertPlacement.for_model(config, self.expert_ranks, self.placement)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One lockstep generation over the whole world."""
+
+    prompts: tuple[list[list[int]], ...]  # per attention rank; a rank may have none
+    generation: GenerationSettings = GenerationSettings()
+    ping_pong: bool = False
+    record_logits: bool = False
+    profile: bool = False  # time the routers too; stats cover decode steps only (step 0 is the prefill)
+
+
+@dataclass
+class RankResult:
+    """What one rank reports when every run is done. Lists are per run."""
+
+    rank: int
+    role: Role
+    token_ids: list[list[list[int]]] = field(default_factory=list)  # attention: per prompt
+    logits: list[list[torch.Tensor]] = field(default_factory=list)  # attention, with record_logits
+    stats: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    step_seconds: list[list[float]] = field(default_factory=list)  # attention ranks
+    weight_bytes: int = 0  # parameters this rank holds
+    peak_rss_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class RankError:
+    message: str
+    collective: bool  # True: a consequence of a peer's failure (or a timeout), not a root cause
+    at: float  # time.time() of the failure
+
+
+def run_rank(
+    rank: int,
+    model_path: Path,
+    settings: EPSettings,
+    runs: list[Run],
+    store_host: str,
+    store_port: int,
+    report: Reporter,
+) -> RankResult:
+    """Join the world, load this rank's weights, run every run. Raises on failure."""
+    torch.set_num_threads(1)
+    layout = settings.layout
+    world = init_world(
+        rank,
+        layout,
+        store_host,
+        store_port,
+        settings.backend,
+        settings.collective_timeout_s,
+        settings.startup_timeout_s,
+        on_watchdog=lambda message: report("error", rank, RankError(message, True, time.time())),
+    )
+    config = ModelConfig.from_file(model_path)
+    placement = settings.expert_placement(config)
+    result = RankResult(rank, world.role)
+    if world.role == "attention":
+        model = load_attention_side(model_path, settings.dtype, device=world.device)
+        result.weight_bytes = _param_bytes(model.parameters())
+        world.wait_for_all_ranks()
+        report("ready", rank, None)
+        for run in runs:
+            stats, t0 = DispatchStats(), time.perf_counter()
+            hooks = time_routers(model, stats) if run.profile else []
+            out = generate_lockstep(
+                model,
+                run.prompts[rank],
+                run.generation,
+                AllToAllExecutor(world, placement, stats),
+                world,
+                run.ping_pong,
+                settings.block_size,
+                run.record_logits,
+                _reset_after_prefill(stats) if run.profile else None,
+            )
+            for hook in hooks:
+                hook.remove()
+            result.seconds.append(time.perf_counter() - t0)
+            result.step_seconds.append(out.step_seconds)
+            result.token_ids.append(out.token_ids)
+            result.logits.append(out.logits)
+            result.steps.append(out.steps)
+            result.stats.append(stats.as_dict())
+    else:
+        ids = placement.ranks[layout.expert_index(rank)]
+        experts = load_experts(model_path, ids, settings.dtype, device=world.device)
+        result.weight_bytes = _param_bytes(p for e in experts.values() for p in e.parameters())
+        world.wait_for_all_ranks()
+        report("ready", rank, None)
+        for run in runs:
+            stats, t0 = DispatchStats(), time.perf_counter()
+            server = ExpertServer(world, experts, config.num_experts_per_tok, stats)
+            steps = server.serve(_reset_after_prefill(stats) if run.profile else None)
+            result.seconds.append(time.perf_counter() - t0)
+            result.steps.append(steps)
+            result.stats.append(stats.as_dict())
+    result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    dist.destroy_process_group()
+    return result
+
+
+def time_routers(model: Transformer, stats: DispatchStats) -> list[RemovableHandle]:
+    """Add each MoE router's time to stats.seconds["router"] (hooks; remove them when done)."""
+    started: list[float] = []
+
+    def before(*_: Any) -> None:
+        started.append(time.perf_counter())
+
+    def after(*_: Any) -> None:  # returns None: the router's output stays as it is
+        stats.add("router", started.pop())
+
+    hooks: list[RemovableHandle] = []
+    for block in model.layers:
+        if isinstance(block.ffn, MoE):
+            gate = block.ffn.gate
+            hooks += [gate.register_forward_pre_hook(before), gate.register_forward_hook(after)]
+    return hooks
+
+
+def _reset_after_prefill(stats: DispatchStats) -> Callable[[int], None]:
+    def on_step(step: int) -> None:
+        if step == 1:
+            stats.reset()
+
+    return on_step
+
+
+def describe_error(world_name: str, error: BaseException) -> RankError:
+    if isinstance(error, CollectiveError):
+        return RankError(str(error), True, time.time())
+    return RankError(f"{world_name}: {type(error).__name__}: {error}", False, time.time())
+
+
+def _param_bytes(params: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in params)

@@ -1,0 +1,256 @@
+"""One expert-parallel model instance as a `torch.distributed` world: roles, collectives, timeouts.
+
+Global ranks 0..A-1 are attention ranks, A..A+E-1 expert ranks. `EPWorld` is the explicit object
+the dispatch code and the rank loops receive: its process group, this rank's role, the device
+tensors live on (CPU for gloo, one GPU per rank for NCCL) and the collective timeout. Every
+collective goes through it, so a dead or hung peer becomes a `CollectiveError` naming this rank and
+the operation, raised by the backend's own timeout or, as a backstop, by a `Watchdog` that ends the
+process. This module knows nothing about models or experts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+Backend = Literal["gloo", "nccl"]
+Role = Literal["attention", "expert"]
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: a peer died, hung or left the lockstep."""
+
+
+@dataclass(frozen=True)
+class WorldLayout:
+    """A attention ranks then E expert ranks."""
+
+    attention_ranks: int
+    expert_ranks: int
+
+    def __post_init__(self) -> None:
+        if self.attention_ranks < 1 or self.expert_ranks < 1:
+            raise ValueError(
+                f"an expert-parallel world needs >= 1 attention and >= 1 expert rank, got "
+                f"{self.attention_ranks} and {self.expert_ranks}"
+            )
+
+    @property
+    def size(self) -> int:
+        return self.attention_ranks + self.expert_ranks
+
+    def role(self, rank: int) -> Role:
+        return "attention" if rank < self.attention_ranks else "expert"
+
+    def expert_index(self, rank: int) -> int:
+        """Global rank -> index among expert ranks."""
+        return rank - self.attention_ranks
+
+    def describe(self, rank: int) -> str:
+        if self.role(rank) == "attention":
+            return f"attention rank {rank}"
+        return f"expert rank {self.expert_index(rank)} (global rank {rank})"
+
+
+class Watchdog:
+    """Ends the process if an armed wait outlives its timeout plus a margin; the backstop behind the
+    backends' own timeouts (which should fire first)."""
+
+    def __init__(self, on_expire: Callable[[str], None], poll_s: float = 0.5, min_margin_s: float = 5.0):
+        self.on_expire = on_expire
+        self.poll_s = poll_s
+        self.min_margin_s = min_margin_s
+        self._armed: tuple[str, float, float] | None = None  # (what, started, deadline seconds)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="moeserve-watchdog", daemon=True)
+        self._thread.start()
+
+    def margin(self, timeout_s: float) -> float:
+        return max(self.min_margin_s, 0.25 * timeout_s)
+
+    @contextmanager
+    def watch(self, what: str, timeout_s: float) -> Iterator[None]:
+        with self._lock:
+            self._armed = (what, time.monotonic(), timeout_s + self.margin(timeout_s))
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._armed = None
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            with self._lock:
+                armed = self._armed
+            if armed is not None and time.monotonic() - armed[1] > armed[2]:
+                self.on_expire(f"watchdog: {armed[0]} still waiting after {armed[2]:g} s")
+                os._exit(3)
+
+
+class EPWorld:
+    """This rank's view of the world. Build with `init_world`; tests may build one around any group."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        rank: int,
+        layout: WorldLayout,
+        device: torch.device,
+        timeout_s: float,
+        watchdog: Watchdog | None = None,
+        startup_group: dist.ProcessGroup | None = None,
+        startup_timeout_s: float | None = None,
+    ):
+        self.group = group  # every step's collectives; they time out after timeout_s
+        self.rank = rank
+        self.layout = layout
+        self.device = device
+        self.timeout_s = timeout_s
+        self.watchdog = watchdog
+        self.startup_group = startup_group or group  # the same ranks, with the startup timeout
+        self.startup_timeout_s = startup_timeout_s or timeout_s
+
+    @property
+    def role(self) -> Role:
+        return self.layout.role(self.rank)
+
+    @property
+    def name(self) -> str:
+        return self.layout.describe(self.rank)
+
+    # collectives
+    def all_to_all(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_splits: list[int],
+        input_splits: list[int],
+        what: str,
+    ) -> dist.Work:
+        """Start a variable-split all-to-all over dim 0 (rows) of `input` into `output`."""
+        try:
+            work = dist.all_to_all_single(
+                output, input, output_splits, input_splits, group=self.group, async_op=True
+            )
+        except RuntimeError as e:
+            raise self._error(what, e) from e
+        assert work is not None
+        return work
+
+    def wait(self, works: list[dist.Work], what: str, timeout_s: float | None = None) -> None:
+        timeout_s = timeout_s or self.timeout_s
+        try:
+            with self._watch(what, timeout_s):
+                for work in works:
+                    work.wait()
+        except RuntimeError as e:
+            raise self._error(what, e, timeout_s) from e
+
+    def wait_for_all_ranks(self) -> None:
+        """Startup barrier: every rank has joined and loaded its weights (waits the startup timeout).
+
+        Ranks load at different speeds; the per-step timeout starts counting only after this."""
+        flag = torch.zeros(1, device=self.device)
+        what = "startup (waiting for every rank to load its weights)"
+        try:
+            work = dist.all_reduce(flag, group=self.startup_group, async_op=True)
+        except RuntimeError as e:
+            raise self._error(what, e, self.startup_timeout_s) from e
+        assert work is not None
+        self.wait([work], what, self.startup_timeout_s)  # [1] SUM: a barrier
+
+    def start_count_exchange(self, send: torch.Tensor, what: str) -> tuple[torch.Tensor, dist.Work]:
+        """send [N] int64 rows this rank sends to each rank -> ([N] rows it receives from each, work)."""
+        recv = torch.empty_like(send)
+        splits = [1] * self.layout.size
+        return recv, self.all_to_all(recv, send, splits, splits, what)  # [N] -> [N]
+
+    def exchange_counts(self, send: torch.Tensor, what: str) -> list[int]:
+        """`start_count_exchange`, waited for: [N] rows received from each rank."""
+        recv, work = self.start_count_exchange(send, what)
+        self.wait([work], what)
+        return recv.tolist()
+
+    def step_control(self, active: bool, micro_batches: int) -> tuple[bool, int]:
+        """Every rank, every step: (does any attention rank still have work, micro-batches this step)."""
+        flags = torch.tensor([int(active), micro_batches], dtype=torch.long, device=self.device)  # [2]
+        what = "step control"
+        try:
+            work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        except RuntimeError as e:
+            raise self._error(what, e) from e
+        assert work is not None
+        self.wait([work], what)  # [2] MAX over all ranks
+        go, n = flags.tolist()
+        return bool(go), int(n)
+
+    def _watch(self, what: str, timeout_s: float) -> AbstractContextManager[None]:
+        return self.watchdog.watch(f"{self.name}: {what}", timeout_s) if self.watchdog else _nothing()
+
+    def _error(self, what: str, cause: BaseException, timeout_s: float | None = None) -> CollectiveError:
+        return CollectiveError(
+            f"{self.name}: {what} failed (a peer died, hung or left the lockstep; "
+            f"timeout {timeout_s or self.timeout_s:g} s): {str(cause).splitlines()[0][:300]}"
+        )
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def default_device(backend: Backend, rank: int) -> torch.device:
+    """CPU for gloo; for NCCL one GPU per rank (rank modulo the GPUs on this host)."""
+    if backend == "gloo":
+        return torch.device("cpu")
+    return torch.device("cuda", rank % max(torch.cuda.device_count(), 1))
+
+
+def init_world(
+    rank: int,
+    layout: WorldLayout,
+    store_host: str,
+    store_port: int,
+    backend: Backend = "gloo",
+    timeout_s: float = 60.0,
+    startup_timeout_s: float = 600.0,
+    device: torch.device | None = None,
+    on_watchdog: Callable[[str], None] | None = None,
+) -> EPWorld:
+    """Join the world through the launcher's TCPStore.
+
+    Rendezvous and `wait_for_all_ranks` wait up to `startup_timeout_s`; every step's collectives
+    run on a second group over the same ranks whose timeout is `timeout_s`."""
+    startup = datetime.timedelta(seconds=startup_timeout_s)
+    device = device or default_device(backend, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = dist.TCPStore(store_host, store_port, is_master=False, timeout=startup)
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=rank,
+        world_size=layout.size,
+        timeout=startup,
+        device_id=device if device.type == "cuda" else None,
+    )
+    startup_group = dist.group.WORLD
+    group = dist.new_group(list(range(layout.size)), timeout=datetime.timedelta(seconds=timeout_s))
+    assert isinstance(startup_group, dist.ProcessGroup) and isinstance(group, dist.ProcessGroup)
+    watchdog = Watchdog(on_watchdog or _print_to_stderr)
+    return EPWorld(group, rank, layout, device, timeout_s, watchdog, startup_group, startup_timeout_s)
+
+
+def _print_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
