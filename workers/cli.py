@@ -1,4 +1,4 @@
-"""The `moeserve` command line: generate, model tools (and serve, bench as they land).
+"""The `moeserve` command line: generate (offline or from a server), serve, model tools.
 
 Bad arguments print a message naming the argument and exit with code 2; nothing else here
 knows about argument parsing.
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+from moeserve.workers import serve_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    serve_cli.add_endpoint_arguments(gen)
+    serve_cli.add_serve_parser(sub, sorted(DTYPES), default_model_path())
 
     model = sub.add_parser("model", help="model tools")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(parser, args)
+    if args.command == "serve":
+        return serve_cli.run_serve(parser, args, dict(DTYPES))
     if args.command == "model" and args.model_command == "init-random":
         return _init_random(parser, args)
     parser.error(f"unknown command {args.command!r}")
@@ -96,6 +101,9 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from moeserve.workers.loader import CheckpointError, load_model
     from moeserve.workers.tokenizer import Tokenizer
 
+    if args.endpoint:
+        return serve_cli.run_remote_generate(parser, args)
+    serve_cli.check_offline_arguments(parser, args)
     if bool(args.prompt) == bool(args.prompt_ids):
         parser.error("give exactly one of --prompt or --prompt-ids (each may repeat)")
     path = args.model or default_model_path()
