@@ -26,7 +26,7 @@ from moeserve.workers.engine.request import (
 )
 from moeserve.workers.engine.runner import ModelRunner
 from moeserve.workers.engine.sampler import logprobs_of, sample
-from moeserve.workers.engine.scheduler import Scheduler
+from moeserve.workers.engine.scheduler import Schedule, Scheduler
 from moeserve.workers.engine.settings import EngineSettings
 from moeserve.workers.engine.text import TextStream
 from moeserve.workers.kv_cache import SequenceBlocks
@@ -134,7 +134,10 @@ class Engine:
         return self.scheduler.has_work
 
     def step(self) -> None:
-        plan = self.scheduler.schedule()
+        self.execute(self.scheduler.schedule())
+
+    def execute(self, plan: Schedule) -> None:
+        """Run one scheduled step: forward, sample, stream. (`step` = schedule + execute.)"""
         if plan.chunks:
             steps = [
                 SequenceStep(

@@ -122,10 +122,11 @@ class EngineLoop:
                     engine.abort_all("stopping")
                     return
                 engine.expire(time.monotonic())
-                if engine.has_work:
-                    engine.step()
-                with self._cond:
+                plan = engine.scheduler.schedule() if engine.has_work else None
+                with self._cond:  # before any output goes out, so a client reacting to one sees the count
                     self._num_waiting = len(self._inbox) + len(engine.scheduler.waiting)
+                if plan is not None:
+                    engine.execute(plan)
         except BaseException as e:  # noqa: BLE001 - every failure must reach the requests and the health check
             log.exception("engine step failed")
             with self._cond:
