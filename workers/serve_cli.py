@@ -58,6 +58,7 @@ def add_serve_parser(sub: argparse._SubParsersAction, dtypes: list[str], default
     serve.add_argument("--max-waiting", type=int, default=d.max_waiting, help="waiting queue bound")
     serve.add_argument("--max-model-len", type=int, default=None, help="prompt + completion limit")
     serve.add_argument("--grace", type=float, default=5.0, help="seconds streams get to finish on SIGTERM")
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def add_endpoint_arguments(gen: argparse.ArgumentParser) -> None:
@@ -90,6 +91,12 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
         )
     except ValueError as e:
         parser.error(f"--{str(e).split()[0].replace('_', '-')}: {e}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads: must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     listen = Listen(args.host, args.port, None if args.no_metrics else args.metrics_port)
 
