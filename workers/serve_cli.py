@@ -58,7 +58,9 @@ def add_serve_parser(sub: argparse._SubParsersAction, dtypes: list[str], default
     serve.add_argument("--max-waiting", type=int, default=d.max_waiting, help="waiting queue bound")
     serve.add_argument("--max-model-len", type=int, default=None, help="prompt + completion limit")
     serve.add_argument("--grace", type=float, default=5.0, help="seconds streams get to finish on SIGTERM")
-    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    serve.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
 
 
 def add_endpoint_arguments(gen: argparse.ArgumentParser) -> None:
