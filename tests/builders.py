@@ -98,3 +98,150 @@ def write_reference_checkpoint(name: str, out: Path, max_shard_size: str | None 
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
     return out
+
+
+# A text corpus with multi-byte characters, so the tokenizer has tokens that split them.
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. ",
+    "Mixture-of-experts models route every token to a few experts. ",
+    "Grüße aus Köln: schöne Bäume und Äpfel. ",
+    "日本語のテキストと中文文本混合在一起。",
+    "Emoji: 🙂🚀🎉 café naïve façade — “quotes” € ₿ ",
+    "Латиница и кириллица: привет, мир! ",
+]
+SERVING_VOCAB = 384
+BOS, EOS = "<|bos|>", "<|eos|>"
+
+
+def train_byte_level_tokenizer(vocab_size: int = SERVING_VOCAB) -> object:
+    """A byte-level BPE `tokenizers.Tokenizer` (ids 0, 1 = BOS, EOS) trained on CORPUS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    return tok
+
+
+def write_serving_checkpoint(out: Path, seed: int = 0) -> Path:
+    """A small DeepSeek-V2 checkpoint (written by transformers) plus a byte-level BPE tokenizer.json."""
+    import transformers
+
+    kwargs = dict(
+        COMMON,
+        vocab_size=SERVING_VOCAB,
+        q_lora_rank=None,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.05)
+    model.eval().save_pretrained(out)
+    train_byte_level_tokenizer().save(str(out / "tokenizer.json"))  # type: ignore[attr-defined]
+    return out
+
+
+def write_scripted_checkpoint(src: Path, out: Path, chain: list[int]) -> Path:
+    """A copy of checkpoint `src` rewired into a bigram machine: after token chain[i] it greedily
+    emits chain[i + 1] (whatever the context), so tests know the exact text it will stream.
+
+    Every attention and feed-forward output projection is zeroed, so the residual stream is the
+    token's embedding; embedding row chain[i] is a scaled basis vector e_i and head row chain[i + 1]
+    points along e_i. The chain's ids must be distinct and fewer than the hidden size.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    if len(set(chain)) != len(chain):
+        raise ValueError(f"chain ids must be distinct: {chain}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    tensors = load_file(str(src / "model.safetensors"))
+    for name, t in tensors.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            t.zero_()
+        elif name == "model.norm.weight":
+            t.fill_(1.0)
+    embed, head = tensors["model.embed_tokens.weight"], tensors["lm_head.weight"]
+    if len(chain) > embed.shape[1]:
+        raise ValueError(f"chain longer than the hidden size {embed.shape[1]}")
+    for i, (a, b) in enumerate(zip(chain, chain[1:], strict=False)):
+        embed[a].zero_()
+        embed[a, i] = 1.0
+        head[b, i] = 10.0
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+class ChecksumRunner:
+    """A ModelRunner without a model: the next token is a checksum of the whole context, which it
+    reads back from its own paged token store through each sequence's block table. Any paging bug
+    (a block shared, freed early, or a wrong slot) changes the tokens; `reference` gives the truth.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int = 4, vocab_size: int = 101, max_positions: int = 512):
+        from moeserve.workers.kv_cache import BlockAllocator
+
+        self._allocator = BlockAllocator(num_blocks)
+        self._block_size = block_size
+        self._vocab_size = vocab_size
+        self._max_positions = max_positions
+        self.store = [-1] * (num_blocks * block_size)  # token id per cache slot
+        self.step_tokens: list[int] = []  # tokens fed per step
+        self.fail_after: int | None = None  # raise on the step after this many steps
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def allocator(self) -> Any:
+        return self._allocator
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def max_positions(self) -> int:
+        return self._max_positions
+
+    def next_token(self, context: list[int]) -> int:
+        return (sum((i + 1) * t for i, t in enumerate(context)) * 31 + len(context)) % self._vocab_size
+
+    def reference(self, prompt: list[int], max_tokens: int) -> list[int]:
+        context, out = list(prompt), []
+        for _ in range(max_tokens):
+            out.append(self.next_token(context))
+            context.append(out[-1])
+        return out
+
+    def step(self, steps: list[Any]) -> torch.Tensor:
+        if self.fail_after is not None and len(self.step_tokens) >= self.fail_after:
+            raise RuntimeError("injected step failure")
+        self.step_tokens.append(sum(len(s.new_token_ids) for s in steps))
+        bs = self._block_size
+        logits = torch.zeros(len(steps), self._vocab_size)
+        for row, s in enumerate(steps):
+            for i, token in enumerate(s.new_token_ids):
+                pos = s.cached + i
+                self.store[s.block_table[pos // bs] * bs + pos % bs] = token
+            end = s.cached + len(s.new_token_ids)
+            context = [self.store[s.block_table[p // bs] * bs + p % bs] for p in range(end)]
+            logits[row, self.next_token(context)] = 8.0
+        return logits

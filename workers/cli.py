@@ -1,4 +1,4 @@
-"""The `moeserve` command line: generate, model tools (and serve, bench as they land).
+"""The `moeserve` command line: generate (offline or from a server), serve, model tools.
 
 Bad arguments print a message naming the argument and exit with code 2; nothing else here
 knows about argument parsing.
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from moeserve.workers import serve_cli
 
 from moeserve.workers import ep_cli
 
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    serve_cli.add_endpoint_arguments(gen)
+    serve_cli.add_serve_parser(sub, sorted(DTYPES), default_model_path())
 
     model = sub.add_parser("model", help="model tools")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(parser, args)
+    if args.command == "serve":
+        return serve_cli.run_serve(parser, args, dict(DTYPES))
     if args.command == "model" and args.model_command == "init-random":
         return _init_random(parser, args)
     parser.error(f"unknown command {args.command!r}")
@@ -103,6 +108,9 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from moeserve.workers.loader import CheckpointError, load_model
     from moeserve.workers.tokenizer import Tokenizer
 
+    if args.endpoint:
+        return serve_cli.run_remote_generate(parser, args)
+    serve_cli.check_offline_arguments(parser, args)
     if bool(args.prompt) == bool(args.prompt_ids):
         parser.error("give exactly one of --prompt or --prompt-ids (each may repeat)")
     path = args.model or default_model_path()

@@ -1,0 +1,42 @@
+"""Engine limits: KV-cache size, batch shape, queue bound and context length. Plain data, no logic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Limits of one engine (one attention rank). Every field has a default fit for a small CPU box."""
+
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    kv_cache_tokens: int = 32768
+    """KV-cache capacity in tokens, rounded up to whole blocks (one more block is reserved as padding)."""
+    max_num_seqs: int = 64
+    """Most requests in the running batch at once."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step: decode tokens plus prefill chunks. Longer prompts prefill in chunks."""
+    max_waiting: int = 256
+    """Most requests waiting to be admitted; a request beyond it is refused (RESOURCE_EXHAUSTED)."""
+    max_model_len: int | None = None
+    """Longest prompt plus completion in tokens. None: the model's max_position_embeddings, capped
+    at the KV-cache capacity so that one request always fits on its own."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "block_size",
+            "kv_cache_tokens",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_waiting",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks to allocate, the reserved padding block included."""
+        return -(-self.kv_cache_tokens // self.block_size) + 1

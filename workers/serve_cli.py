@@ -1,0 +1,164 @@
+"""The serving side of the `moeserve` command: `moeserve serve` and `moeserve generate --endpoint`.
+
+Argument definitions and the two commands only; `cli.py` wires them in. Defaults of the listening
+ports and the model path may come from the environment variables named in `moeserve.contract`
+(flags win). Bad arguments exit with code 2, RPC errors with code 1 and the status on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from moeserve import contract
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+def add_serve_parser(sub: argparse._SubParsersAction, dtypes: list[str], default_model: Path) -> None:
+    from moeserve.workers.engine.settings import EngineSettings
+
+    d = EngineSettings()
+    serve = sub.add_parser("serve", help="serve the gRPC API on this machine (no Ray)")
+    serve.add_argument(
+        "--model",
+        type=Path,
+        default=Path(os.environ.get(contract.ENV_MODEL_PATH) or default_model),
+        help=f"checkpoint directory (default: ${contract.ENV_MODEL_PATH} or the embedded model)",
+    )
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=_env_int(contract.ENV_GRPC_PORT, contract.DEFAULT_GRPC_PORT),
+        help=f"gRPC port (default {contract.DEFAULT_GRPC_PORT}; 0 picks a free one)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env_int(contract.ENV_METRICS_PORT, contract.DEFAULT_METRICS_PORT),
+        help=f"Prometheus port (default {contract.DEFAULT_METRICS_PORT}; 0 picks a free one)",
+    )
+    serve.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    serve.add_argument("--dtype", choices=dtypes, default="float32")
+    serve.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+    serve.add_argument("--kv-cache-tokens", type=int, default=d.kv_cache_tokens, help="KV-cache capacity")
+    serve.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running batch size limit")
+    serve.add_argument(
+        "--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="token budget per step"
+    )
+    serve.add_argument("--max-waiting", type=int, default=d.max_waiting, help="waiting queue bound")
+    serve.add_argument("--max-model-len", type=int, default=None, help="prompt + completion limit")
+    serve.add_argument("--grace", type=float, default=5.0, help="seconds streams get to finish on SIGTERM")
+    serve.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+
+
+def add_endpoint_arguments(gen: argparse.ArgumentParser) -> None:
+    gen.add_argument("--endpoint", default=None, help="HOST:PORT of a moeserve server; stream from it")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --endpoint)")
+    gen.add_argument("--top-k", type=int, default=None, help="top-k sampling (with --endpoint)")
+    gen.add_argument("--stop", action="append", default=[], help="stop string; repeatable (with --endpoint)")
+
+
+def check_offline_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k), ("--stop", args.stop)):
+        if value:
+            parser.error(f"{flag} needs --endpoint")
+
+
+def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes: dict[str, object]) -> int:
+    from moeserve.workers.engine.settings import EngineSettings
+    from moeserve.workers.server.app import InferenceServer, Listen, local_loader, serve
+
+    if not (args.model / "config.json").exists():
+        parser.error(f"--model: no config.json in {args.model}")
+    try:
+        settings = EngineSettings(
+            block_size=args.block_size,
+            kv_cache_tokens=args.kv_cache_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_waiting=args.max_waiting,
+            max_model_len=args.max_model_len,
+        )
+    except ValueError as e:
+        parser.error(f"--{str(e).split()[0].replace('_', '-')}: {e}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads: must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    listen = Listen(args.host, args.port, None if args.no_metrics else args.metrics_port)
+
+    def announce(server: InferenceServer) -> None:
+        metrics = f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""
+        print(f"moeserve: listening on {args.host}:{server.port}{metrics}; loading {args.model}", flush=True)
+
+    loader = local_loader(args.model, dtypes[args.dtype], settings)  # type: ignore[arg-type]
+    asyncio.run(serve(listen, loader, args.grace, announce))
+    return 0
+
+
+def run_remote_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import grpc
+    from moeserve.workers.client import FINISH_REASON_NAMES, Completion, InferenceClient, build_request
+
+    if args.model is not None:
+        parser.error("--model and --endpoint are exclusive (the server has its model)")
+    if bool(args.prompt) == bool(args.prompt_ids):
+        parser.error("give exactly one of --prompt or --prompt-ids (each may repeat)")
+    prompts: list[tuple[str | None, list[int] | None]] = [(p, None) for p in args.prompt] or [
+        (None, ids) for ids in args.prompt_ids
+    ]
+    with InferenceClient(args.endpoint) as client:
+        for text, ids in prompts:
+            request = build_request(
+                text,
+                ids,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed,
+                stop=args.stop,
+            )
+            done = Completion()
+            try:
+                for chunk in client.stream(request):  # print text as it streams
+                    done.token_ids.extend(chunk.token_ids)
+                    done.text += chunk.text
+                    done.finish_reason = FINISH_REASON_NAMES[chunk.finish_reason]
+                    done.prompt_tokens = chunk.usage.prompt_tokens
+                    done.completion_tokens = chunk.usage.completion_tokens
+                    if not args.json:
+                        print(chunk.text, end="", flush=True)
+            except grpc.RpcError as e:
+                print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+                return 1
+            if args.json:
+                record = {
+                    "prompt": text,
+                    "token_ids": done.token_ids,
+                    "text": done.text,
+                    "finish_reason": done.finish_reason,
+                    "usage": {
+                        "prompt_tokens": done.prompt_tokens,
+                        "completion_tokens": done.completion_tokens,
+                    },
+                }
+                print(json.dumps(record, ensure_ascii=False))
+            else:  # a model without a tokenizer streams no text: show the ids
+                print("" if done.text else " ".join(map(str, done.token_ids)), flush=True)
+    return 0

@@ -1,0 +1,225 @@
+"""Serving process assembly: load a model into an engine, build the gRPC server, run, stop gracefully.
+
+`create_server(address, state)` is the gRPC factory (Inference + Health, bound, not started).
+`InferenceServer` owns the lifecycle: it listens at once with health NOT_SERVING, loads the model in
+a worker thread, turns SERVING when the engine runs, and NOT_SERVING if the engine fails. `serve()`
+runs it until SIGTERM/SIGINT; `BackgroundServer` runs it on a thread (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from moeserve import contract
+from moeserve.v1 import inference_pb2_grpc as pb_grpc
+from moeserve.workers.engine.core import Engine
+from moeserve.workers.engine.loop import EngineLoop
+from moeserve.workers.engine.runner import LocalModelRunner
+from moeserve.workers.engine.settings import EngineSettings
+from moeserve.workers.server.convert import model_info
+from moeserve.workers.server.metrics import ServingMetrics
+from moeserve.workers.server.servicer import Backend, InferenceServicer, ServingState
+from moeserve.workers.tokenizer import Tokenizer
+from prometheus_client import start_http_server
+
+log = logging.getLogger(__name__)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# A loader builds the backend; it runs in a worker thread and may take long. The callback is how
+# the engine reports a failure later.
+Loader = Callable[[ServingMetrics, Callable[[BaseException], None]], Backend]
+
+
+def local_loader(model_path: Path, dtype: torch.dtype, settings: EngineSettings) -> Loader:
+    """Load a checkpoint directory into a single-process engine (all experts local)."""
+
+    def load(metrics: ServingMetrics, on_failure: Callable[[BaseException], None]) -> Backend:
+        from moeserve.workers.loader import load_model
+
+        model = load_model(model_path, dtype)
+        tokenizer = Tokenizer.from_model_dir(model_path)
+        runner = LocalModelRunner(model, settings.num_blocks, settings.block_size)
+        engine = Engine(runner, settings, model.config.eos_token_ids, tokenizer, observer=metrics)
+        loop = EngineLoop(engine, on_failure=on_failure).start()
+        metrics.bind(loop, runner.expert_load)
+        dtype_name = str(dtype).removeprefix("torch.")
+        info = model_info(Path(model_path).name, model.config, engine, dtype_name, tokenizer is not None)
+        return Backend(loop, tokenizer, info)
+
+    return load
+
+
+def create_server(
+    address: str, state: ServingState, health: health_aio.HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """An aio server with Inference and Health, bound to `address` (port 0 picks one); not started."""
+    server = grpc.aio.server()
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(state), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC address {address}")
+    return server, port
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "0.0.0.0"
+    port: int = contract.DEFAULT_GRPC_PORT
+    metrics_port: int | None = contract.DEFAULT_METRICS_PORT  # None: no metrics endpoint
+
+
+class InferenceServer:
+    """One serving process's gRPC server, engine and metrics endpoint. Use from one event loop."""
+
+    def __init__(self, listen: Listen, loader: Loader):
+        self.listen = listen
+        self.loader = loader
+        self.metrics = ServingMetrics()
+        self.state = ServingState()
+        self.health = health_aio.HealthServicer()
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.loaded = asyncio.Event()
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http: object | None = None
+        self._load_task: asyncio.Task[None] | None = None
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for service in ("", contract.INFERENCE_SERVICE):
+            await self.health.set(service, status)
+
+    async def start(self) -> None:
+        await self._set_health(NOT_SERVING)
+        self._server, self.port = create_server(
+            f"{self.listen.host}:{self.listen.port}", self.state, self.health
+        )
+        await self._server.start()
+        if self.listen.metrics_port is not None:
+            http, _ = start_http_server(
+                self.listen.metrics_port, self.listen.host, registry=self.metrics.registry
+            )
+            self._metrics_http = http
+            self.metrics_port = int(http.server_port)
+        self._load_task = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_failure(error: BaseException) -> None:  # engine thread
+            log.error("engine failed: %r; reporting NOT_SERVING", error)
+            asyncio.run_coroutine_threadsafe(self._set_health(NOT_SERVING), loop)
+
+        try:
+            backend = await asyncio.to_thread(self.loader, self.metrics, on_failure)
+        except Exception as e:  # noqa: BLE001 - a model that cannot load leaves the server NOT_SERVING
+            log.exception("model failed to load")
+            self.state.load_error = f"{type(e).__name__}: {e}"
+            return
+        finally:
+            self.loaded.set()
+        if self.state.stopping:
+            backend.loop.stop()
+            return
+        self.state.backend = backend
+        await self._set_health(SERVING)
+        log.info("model %s loaded; serving", backend.info.model_name)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Refuse new requests, let streams finish for up to `grace` seconds, then abort the rest."""
+        self.state.stopping = True
+        await self.health.enter_graceful_shutdown()
+        stopping = asyncio.create_task(self._server.stop(grace + 5.0)) if self._server else None
+        try:
+            await asyncio.wait_for(self.state.idle.wait(), grace)
+        except asyncio.TimeoutError:
+            pass
+        if self.state.backend is not None:
+            await asyncio.to_thread(self.state.backend.loop.stop)
+        if stopping is not None:
+            await stopping
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()  # type: ignore[attr-defined]
+            self._metrics_http.server_close()  # type: ignore[attr-defined]
+
+
+async def serve(
+    listen: Listen,
+    loader: Loader,
+    grace: float = 5.0,
+    on_listening: Callable[[InferenceServer], None] | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    server = InferenceServer(listen, loader)
+    await server.start()
+    if on_listening is not None:
+        on_listening(server)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received; stopping (grace %.1fs)", grace)
+    await server.stop(grace)
+
+
+class BackgroundServer:
+    """An InferenceServer on its own thread and event loop; `with BackgroundServer(...) as s: s.port`."""
+
+    def __init__(self, loader: Loader, host: str = "127.0.0.1", metrics: bool = True, grace: float = 2.0):
+        self.listen = Listen(host, 0, 0 if metrics else None)
+        self.loader = loader
+        self.grace = grace
+        self.loop = asyncio.new_event_loop()
+        self.server: InferenceServer | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="moeserve-grpc", daemon=True)
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return f"{self.listen.host}:{self.server.port}"
+
+    def _call(self, coro: object, timeout: float | None = 60.0) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def start(self, wait_loaded: bool = True, timeout: float = 300.0) -> BackgroundServer:
+        self._thread.start()
+
+        async def start() -> InferenceServer:
+            server = InferenceServer(self.listen, self.loader)
+            await server.start()
+            return server
+
+        self.server = self._call(start())  # type: ignore[assignment]
+        if wait_loaded:
+            assert self.server is not None
+            self._call(self.server.loaded.wait(), timeout)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self._call(self.server.stop(self.grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
