@@ -1,0 +1,112 @@
+"""The embedded default model: shipped in Hugging Face layout, small, and it writes Python."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from moeserve.workers.cli import default_model_path
+from moeserve.workers.config import ModelConfig
+from moeserve.workers.generate import GenerationSettings, generate
+from moeserve.workers.loader import load_model
+from moeserve.workers.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.unit
+PATH = default_model_path()
+
+
+def test_layout_and_size() -> None:
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (PATH / name).exists(), f"{name} missing from {PATH}"
+    total = sum(f.stat().st_size for f in PATH.iterdir())
+    assert total <= 25 * 1024 * 1024
+    cfg = ModelConfig.from_file(PATH)
+    assert cfg.model_type == "deepseek_v2" and len(cfg.moe_layers) >= 2
+    assert cfg.n_routed_experts > cfg.num_experts_per_tok and cfg.n_shared_experts >= 1
+
+
+def test_tokenizer_round_trips_multibyte_text() -> None:
+    tok = Tokenizer.from_model_dir(PATH)
+    assert tok is not None
+    text = "naïve — 日本語 🙂\n\tdef f(x):\n        return x"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def python_score(text: str) -> int:
+    """How many Python landmarks a continuation shows."""
+    marks = ("def ", "return", "self", "import ", "if ", "for ", "in ", "(", ")", ":", "    ", "=", "#", ".")
+    return sum(m in text for m in marks)
+
+
+def test_greedy_continuation_of_python_looks_like_python() -> None:
+    tok = Tokenizer.from_model_dir(PATH)
+    assert tok is not None
+    model = load_model(PATH)
+    prompts = [
+        "import os\nimport sys\n\n\ndef main():\n    ",
+        "class Parser:\n    def __init__(self, text):\n        ",
+    ]
+    outputs = generate(model, [tok.encode(p) for p in prompts], GenerationSettings(max_tokens=48))
+    texts = [tok.decode(ids) for ids in outputs]
+    for text in texts:
+        assert text.isascii() and text.strip(), text
+        assert python_score(text) >= 4, text
+
+
+HELD_OUT = '''def moving_average(values, window):
+    """Return the averages of each run of `window` consecutive values."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    result = []
+    total = 0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            result.append(total / window)
+    return result
+'''
+
+
+def test_model_predicts_unseen_python_far_better_than_chance() -> None:
+    import math
+
+    import torch
+
+    from moeserve.workers.batch import ForwardBatch, SequenceStep
+    from moeserve.workers.generate import make_cache
+
+    tok = Tokenizer.from_model_dir(PATH)
+    assert tok is not None
+    model = load_model(PATH)
+    ids = tok.encode(HELD_OUT)
+    cache = make_cache(model, [len(ids)])
+    seq = cache.new_sequence()
+    seq.reserve(cache.allocator, len(ids))
+    logits = model(ForwardBatch.build([SequenceStep(ids, 0, seq.blocks)], 16), cache, all_logits=True)
+    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item()
+    assert nll < 0.5 * math.log(model.config.vocab_size), nll  # chance is ln(vocab)
+
+
+def test_cli_without_model_uses_it() -> None:
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moeserve.workers.cli",
+            "generate",
+            "--prompt",
+            "def add(a, b):\n",
+            "--max-tokens",
+            "8",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "token_ids" in res.stdout
