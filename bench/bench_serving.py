@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
+
 from moeserve.v1 import inference_pb2_grpc as pb_grpc
 from moeserve.workers.client import InferenceClient, build_request
 
@@ -248,6 +249,7 @@ def main() -> int:
         model = args.model
         if model is None:
             import torch
+
             from moeserve.workers.model_tools import PRESETS, write_random_checkpoint
 
             dtype = getattr(torch, args.dtype)

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from moeserve.workers import serve_cli
 
-from moeserve.workers import ep_cli
+from moeserve.workers import ep_cli, serve_cli
 
 if TYPE_CHECKING:
     from moeserve.workers.tokenizer import Tokenizer

@@ -17,6 +17,7 @@ from types import TracebackType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from moeserve.v1 import inference_pb2 as pb
 from moeserve.v1 import inference_pb2_grpc as pb_grpc
 

@@ -113,6 +113,7 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
 
 def run_remote_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import grpc
+
     from moeserve.workers.client import FINISH_REASON_NAMES, Completion, InferenceClient, build_request
 
     if args.model is not None:

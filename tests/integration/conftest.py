@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from builders import write_scripted_checkpoint, write_serving_checkpoint
+
 from moeserve.workers.client import InferenceClient
 from moeserve.workers.engine import EngineSettings
 from moeserve.workers.server.app import BackgroundServer, local_loader

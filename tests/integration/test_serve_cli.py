@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from moeserve.workers.client import Completion, InferenceClient, build_request, gather
 from moeserve.workers.generate import GenerationSettings, generate
 from moeserve.workers.loader import load_model

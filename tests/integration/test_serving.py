@@ -11,10 +11,11 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from serving_support import scrape
+
 from moeserve.v1 import inference_pb2 as pb
 from moeserve.workers.client import Completion, InferenceClient, build_request
 from moeserve.workers.server.app import BackgroundServer
-from serving_support import scrape
 
 pytestmark = pytest.mark.integration
 VOCAB = 384

@@ -13,12 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from serving_support import scrape, slowed, wait_until
+
 from moeserve.workers.client import InferenceClient, build_request
 from moeserve.workers.engine import EngineSettings
 from moeserve.workers.server.app import BackgroundServer, local_loader
 from moeserve.workers.server.metrics import ServingMetrics
 from moeserve.workers.server.servicer import Backend
-from serving_support import scrape, slowed, wait_until
 
 pytestmark = pytest.mark.integration
 STEP_DELAY = 0.01  # seconds added to every engine step where a test must act while a request runs

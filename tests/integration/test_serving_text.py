@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SCRIPT
+
 from moeserve.workers.client import InferenceClient, build_request, gather
 from moeserve.workers.engine import EngineSettings
 from moeserve.workers.server.app import BackgroundServer, local_loader

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from moeserve import contract
 from moeserve.v1 import codegen, inference_pb2
 

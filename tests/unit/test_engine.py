@@ -8,6 +8,7 @@ import threading
 
 import pytest
 from builders import ChecksumRunner
+
 from moeserve.workers.engine import (
     Engine,
     EngineFailed,

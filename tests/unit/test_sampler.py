@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moeserve.workers.engine.request import SamplingParams
 from moeserve.workers.engine.sampler import filtered_probs, logprobs_of, sample
 

@@ -7,6 +7,7 @@ import pytest
 from builders import train_byte_level_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moeserve.workers.engine.text import REPLACEMENT, IncrementalDetokenizer, StopMatcher, TextStream
 from moeserve.workers.tokenizer import Tokenizer
 

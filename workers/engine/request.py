@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+
 from moeserve.workers.engine.text import TextStream
 from moeserve.workers.kv_cache import SequenceBlocks
 

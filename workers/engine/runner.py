@@ -13,6 +13,7 @@ import threading
 from typing import Protocol
 
 import torch
+
 from moeserve.workers.batch import ForwardBatch, SequenceStep
 from moeserve.workers.kv_cache import BlockAllocator, PagedLatentCache
 from moeserve.workers.model import Transformer

@@ -8,6 +8,7 @@ Legend: S sequences sampled this step, V vocab.
 from __future__ import annotations
 
 import torch
+
 from moeserve.workers.engine.request import SamplingParams, TokenLogprobs
 
 

@@ -21,6 +21,8 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from prometheus_client import start_http_server
+
 from moeserve import contract
 from moeserve.v1 import inference_pb2_grpc as pb_grpc
 from moeserve.workers.engine.core import Engine
@@ -31,7 +33,6 @@ from moeserve.workers.server.convert import model_info
 from moeserve.workers.server.metrics import ServingMetrics
 from moeserve.workers.server.servicer import Backend, InferenceServicer, ServingState
 from moeserve.workers.tokenizer import Tokenizer
-from prometheus_client import start_http_server
 
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
 from moeserve import contract
 from moeserve.workers.engine.core import Engine, EngineObserver
 from moeserve.workers.engine.loop import EngineLoop
 from moeserve.workers.engine.request import FinishReason, Request
 from moeserve.workers.engine.runner import ExpertLoad
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
 
 P = contract.METRICS_PREFIX
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

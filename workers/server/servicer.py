@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
+
 from moeserve.v1 import inference_pb2 as pb
 from moeserve.v1 import inference_pb2_grpc as pb_grpc
 from moeserve.workers.engine.loop import EngineFailed, EngineLoop, EngineStopped, QueueFull
