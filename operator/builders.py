@@ -299,16 +299,14 @@ def worker_template(owner: Owner, spec: MoEServiceSpec, role: Role) -> Manifest:
     return _with_template_hash(pod)
 
 
-def worker_pod(
-    template: Manifest, service: str, role: str, index: int, head_uid: str, group_size: int
-) -> Manifest:
-    """Member `index` of a worker group of `group_size` pods, bound to the head pod `head_uid`."""
+def worker_pod(template: Manifest, service: str, role: str, index: int, head_uid: str) -> Manifest:
+    """Member `index` of a worker group, bound to the head pod `head_uid`. It records the group's
+    size (`moeserve.io/group-size`) only once the whole group exists (see groups.py)."""
     pod = copy.deepcopy(template)
     meta = pod["metadata"]
     meta["name"] = worker_name(service, role, index)
     meta["labels"][contract.LABEL_INDEX] = str(index)
     meta["annotations"][contract.ANNOTATION_HEAD_UID] = head_uid
-    meta["annotations"][contract.ANNOTATION_GROUP_SIZE] = str(group_size)
     return pod
 
 

@@ -5,11 +5,14 @@ named by index, made from the template with hash `template_hash`, bound to the R
 `head_uid`. The rules:
 - A member is broken when it failed or exited, is being deleted, was made from another template (a
   spec change), or joined another head. A desired index is lost when it is missing although a member
-  says the group is at least that big (`moeserve.io/group-size`, written on every member): a pod that
-  existed and went away. Either restarts the group: delete every member, create nothing until all
-  are gone, then create the whole group afresh (a Ray/torch world is replaced as a whole).
-- Otherwise missing indices that no member claims are created (first creation, or scale up), pods
-  beyond `size` are deleted (scale down), and members whose recorded size differs are relabelled.
+  says the group is at least that big: a pod that was part of the complete group and went away.
+  Members record that size (`moeserve.io/group-size`) only once the group is complete, so a group
+  whose creation was interrupted (an operator killed, a pod refused by admission) is completed, not
+  restarted. A broken member or a lost index restarts the group: delete every member, create nothing
+  until all are gone, then create the whole group afresh (a Ray/torch world is replaced as a whole).
+- Otherwise missing indices that no member claims are created (first creation, scale up, completing
+  an interrupted creation), pods beyond `size` are deleted (scale down), and once nothing is missing,
+  members whose recorded size differs get the group's size.
 The head is a group of one with `head_uid=None` (bound to nothing).
 
 Pure: this module reads pod manifests and returns a plan; `reconcile.py` carries it out.
@@ -77,7 +80,7 @@ class GroupPlan:
     delete: tuple[PodState, ...] = ()
     """Pods to delete (by name and uid)."""
     resize: tuple[PodState, ...] = ()
-    """Members whose recorded group size to set to the group's size."""
+    """Members whose recorded group size to set to the group's size (only for a complete group)."""
     restart: str = ""
     """Why the whole group is being replaced; "" when it is not."""
     waiting: tuple[str, ...] = field(default=())
@@ -108,7 +111,7 @@ def plan_group(
         return GroupPlan(delete=extra)
     present = {p.index for p in members}
     create = tuple(i for i in range(size) if i not in present)
-    resize = tuple(p for p in members if p.group_size != size)
+    resize = () if create else tuple(p for p in members if p.group_size != size)
     return GroupPlan(create=create, delete=extra, resize=resize)
 
 

@@ -29,8 +29,6 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     out.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=contract.API_GROUP, key="last-handled-configuration"
     )
-    # Only warnings from logs become Events; the reconciler posts the Normal ones it means to.
-    out.posting.level = logging.WARNING
     out.posting.reporting_component = contract.MANAGED_BY
     out.posting.event_name_prefix = "moeserve-"
     # Watch only the operator's pods, not every pod of the watched namespaces.

@@ -271,7 +271,7 @@ class Reconciler:
                 f"{group.role} group: {verb} {len(plan.create)} of {group.size} pods",
             )
             for index in plan.create:
-                pod = builders.worker_pod(group.template, owner.name, group.role, index, head_uid, group.size)
+                pod = builders.worker_pod(group.template, owner.name, group.role, index, head_uid)
                 self._create(owner, "pods", pod)
         for state in plan.resize:
             annotations = {contract.ANNOTATION_GROUP_SIZE: str(group.size)}

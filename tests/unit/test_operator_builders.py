@@ -32,7 +32,7 @@ def spec_of(**overrides: Any) -> MoEServiceSpec:
 def everything(spec: MoEServiceSpec) -> list[dict[str, Any]]:
     desired = builders.desired_state(OWNER, spec)
     workers = [
-        builders.worker_pod(g.template, OWNER.name, g.role, i, "head-uid", g.size)
+        builders.worker_pod(g.template, OWNER.name, g.role, i, "head-uid")
         for g in desired.workers
         for i in range(g.size)
     ]
@@ -138,7 +138,7 @@ def test_worker_pods_request_their_gpus_and_offer_one_unit_of_their_ray_resource
     for group, gpus, resource in zip(
         desired.workers, (2, 1), ("moeserve_attention", "moeserve_expert"), strict=True
     ):
-        pod = builders.worker_pod(group.template, OWNER.name, group.role, 1, "head-uid", group.size)
+        pod = builders.worker_pod(group.template, OWNER.name, group.role, 1, "head-uid")
         c = container(pod)
         assert c["resources"]["limits"][GPU_RESOURCE] == str(gpus)
         assert c["resources"]["requests"][GPU_RESOURCE] == str(gpus)
@@ -149,7 +149,7 @@ def test_worker_pods_request_their_gpus_and_offer_one_unit_of_their_ray_resource
         meta = pod["metadata"]
         assert meta["name"] == f"demo-{group.role}-1" and meta["labels"][contract.LABEL_INDEX] == "1"
         assert meta["annotations"][contract.ANNOTATION_HEAD_UID] == "head-uid"
-        assert meta["annotations"][contract.ANNOTATION_GROUP_SIZE] == "2"
+        assert contract.ANNOTATION_GROUP_SIZE not in meta["annotations"]  # set once the group is complete
     assert container(desired.workers[0].template)["resources"]["requests"]["cpu"] == "4"
     head = container(desired.head)
     assert GPU_RESOURCE not in json.dumps(head["resources"]) and "--num-gpus=0" in head["command"]

@@ -86,8 +86,10 @@ def test_without_a_head_members_go_and_none_are_made() -> None:
 
 
 def test_scaling_up_adds_members_without_a_restart_and_then_records_the_size() -> None:
-    result = plan([member(i, size=2) for i in range(2)], size=4)
-    assert result == GroupPlan(create=(2, 3), resize=(member(0, size=2), member(1, size=2)))
+    old = [member(i, size=2) for i in range(2)]
+    assert plan(old, size=4) == GroupPlan(create=(2, 3))
+    new = [member(2, size=0), member(3, size=0)]
+    assert plan(old + new, size=4) == GroupPlan(resize=(*old, *new))
 
 
 def test_scaling_down_removes_the_top_members_and_ignores_them_while_they_terminate() -> None:
@@ -99,11 +101,9 @@ def test_scaling_down_removes_the_top_members_and_ignores_them_while_they_termin
     assert plan(leaving, size=2) == GroupPlan()
 
 
-def test_a_group_interrupted_while_being_created_restarts_and_converges() -> None:
-    # An operator killed after creating 2 of 4 members: the 2 claim a group of 4.
-    first = plan([member(0), member(1)])
-    assert first.restart and len(first.delete) == 2
-    assert plan([]).create == (0, 1, 2, 3)
+def test_a_group_interrupted_while_being_created_is_completed_not_restarted() -> None:
+    # An operator killed (or a pod refused) after creating 2 of 4 members, which claim no size yet.
+    assert plan([member(0, size=0), member(1, size=0)]) == GroupPlan(create=(2, 3))
 
 
 def test_pod_state_reads_phase_readiness_annotations_and_scheduling_trouble() -> None:

@@ -195,7 +195,7 @@ def reconcile(r: Reconciler, kube: FakeKube, name: str = "demo") -> Manifest:
     return r.reconcile(kube.objects[contract.PLURAL][name]).status
 
 
-def test_first_pass_creates_every_child_and_a_second_pass_writes_nothing() -> None:
+def test_first_pass_creates_every_child_the_second_records_group_sizes_then_nothing_is_written() -> None:
     kube = FakeKube()
     kube.add_moeservice(moeservice(replicas=2))
     r, events = reconciler(kube, closed_port_url())
@@ -206,9 +206,13 @@ def test_first_pass_creates_every_child_and_a_second_pass_writes_nothing() -> No
         + [f"demo-attention-{i}" for i in range(4)]
         + [f"demo-expert-{i}" for i in range(4)]
     )
-    experts = kube.objects["pods"]["demo-expert-3"]["metadata"]["annotations"]
-    assert experts[contract.ANNOTATION_HEAD_UID] == kube.objects["pods"]["demo-head"]["metadata"]["uid"]
+    expert = kube.objects["pods"]["demo-expert-3"]["metadata"]["annotations"]
+    assert expert[contract.ANNOTATION_HEAD_UID] == kube.objects["pods"]["demo-head"]["metadata"]["uid"]
     assert {reason for _, reason, _ in events} == {"RayHeadCreated", "WorkerGroupCreated"}
+    kube.writes.clear()
+    reconcile(r, kube)  # the groups are complete: their members record the size
+    assert {(verb, kind) for verb, kind, _ in kube.writes} == {("patch", "pods")} and len(kube.writes) == 8
+    assert kube.objects["pods"]["demo-expert-3"]["metadata"]["annotations"][contract.ANNOTATION_GROUP_SIZE] == "4"
     kube.writes.clear()
     reconcile(r, kube)
     assert kube.writes == []
@@ -300,6 +304,7 @@ def test_a_lost_expert_pod_restarts_the_expert_group_only() -> None:
     r, events = reconciler(kube, closed_port_url())
     reconcile(r, kube)
     kube.run_pods()
+    reconcile(r, kube)
     attention, experts = kube.pods("attention"), kube.pods("expert")
     del kube.objects["pods"]["demo-expert-1"]
     reconcile(r, kube)
