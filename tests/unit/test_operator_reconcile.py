@@ -212,7 +212,8 @@ def test_first_pass_creates_every_child_the_second_records_group_sizes_then_noth
     kube.writes.clear()
     reconcile(r, kube)  # the groups are complete: their members record the size
     assert {(verb, kind) for verb, kind, _ in kube.writes} == {("patch", "pods")} and len(kube.writes) == 8
-    assert kube.objects["pods"]["demo-expert-3"]["metadata"]["annotations"][contract.ANNOTATION_GROUP_SIZE] == "4"
+    recorded = kube.objects["pods"]["demo-expert-3"]["metadata"]["annotations"]
+    assert recorded[contract.ANNOTATION_GROUP_SIZE] == "4"
     kube.writes.clear()
     reconcile(r, kube)
     assert kube.writes == []
