@@ -77,12 +77,18 @@ class Kube:
             answer: Manifest = self._request("POST", _path(kind, namespace), body=body)
         except _AlreadyExists:
             return None
+        except _NotFound as err:  # the namespace is gone
+            raise Rejected(f"POST {_path(kind, namespace)}: HTTP 404: {err}") from None
         return answer
 
-    def patch(self, kind: str, namespace: str, name: str, patch: Manifest, subresource: str = "") -> None:
-        """A JSON merge patch (lists are replaced whole)."""
+    def patch(self, kind: str, namespace: str, name: str, patch: Manifest, subresource: str = "") -> bool:
+        """A JSON merge patch (lists are replaced whole); False when the object is gone."""
         path = _path(kind, namespace, name) + (f"/{subresource}" if subresource else "")
-        self._request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+        try:
+            self._request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+        except _NotFound:  # deleted meanwhile: a level-based caller sees that on its next pass
+            return False
+        return True
 
     def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> None:
         """Delete `name`, and with `uid` only that incarnation of it; gone already is fine."""

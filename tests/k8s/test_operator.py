@@ -211,9 +211,11 @@ def operator(installed: Installed, tmp_path_factory: pytest.TempPathFactory) -> 
     process = Operator(tmp_path_factory.mktemp("operator"), installed.kubeconfig, installed.namespace).start()
     yield process
     process.stop()
-    log = process.log()
-    if "forbidden" in log.lower() or "Traceback" in log:
-        pytest.fail(f"the operator logged an error (RBAC or crash); log:\n{log[-6000:]}", pytrace=False)
+    lines = process.log().splitlines()
+    bad = [i for i, line in enumerate(lines) if "forbidden" in line.lower() or "Traceback" in line]
+    if bad:
+        context = "\n".join(lines[max(bad[0] - 5, 0) : bad[0] + 40])
+        pytest.fail(f"the operator logged an RBAC failure or a crash:\n{context}", pytrace=False)
 
 
 @pytest.fixture
@@ -506,7 +508,8 @@ def test_a_placement_serve_config_rejects_is_degraded_until_fixed(
 
     moe = wait_until("Degraded names the new duplicate", reported, timeout_s=30)
     assert moe["status"]["observedGeneration"] == moe["metadata"]["generation"]
-    assert "Handler 'spec-changed/spec' failed permanently: spec does not validate" in operator.log()
+    permanent = "Handler 'spec-changed/spec' failed permanently: spec does not validate"
+    wait_until("the spec-change handler fails permanently", lambda: permanent in operator.log(), timeout_s=30)
     assert cluster.pods(ns, "misplaced") == {}
     patch = {"spec": {"experts": {"placement": [[0, 1], [2, 3]]}}}
     kubectl("patch", "moe", "misplaced", "-n", ns, "--type=merge", "-p", json.dumps(patch))

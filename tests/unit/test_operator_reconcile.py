@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from moeserve import contract
-from moeserve.operator.kube import Rejected
+from moeserve.operator.kube import Rejected, Retryable, _classify
 from moeserve.operator.ray_dashboard import ServeClient
 from moeserve.operator.reconcile import Reconciler
 from moeserve.operator.settings import OperatorSettings
@@ -69,9 +69,12 @@ class FakeKube:
         self.writes.append(("create", kind, name))
         return copy.deepcopy(obj)
 
-    def patch(self, kind: str, namespace: str, name: str, patch: Manifest, subresource: str = "") -> None:
+    def patch(self, kind: str, namespace: str, name: str, patch: Manifest, subresource: str = "") -> bool:
+        if name not in self.objects[kind]:
+            return False
         _merge(self.objects[kind][name], patch)
         self.writes.append((f"patch{'/' + subresource if subresource else ''}", kind, name))
+        return True
 
     def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> None:
         obj = self.objects[kind].get(name)
@@ -397,3 +400,22 @@ def test_drift_is_patched_back_and_a_refused_child_is_reported() -> None:
     reconcile(r, kube)
     degraded = kube.condition("Degraded")
     assert degraded["reason"] == "ChildRejected" and "admission refused demo-head" in degraded["message"]
+
+
+@pytest.mark.parametrize(
+    "status, body, retry_after, kind, delay",
+    [
+        (429, {"message": "slow down"}, "7", Retryable, 7.0),
+        (503, {"message": "etcd timeout"}, None, Retryable, 2.0),
+        (409, {"reason": "Conflict", "message": "the object has been modified"}, None, Retryable, 2.0),
+        (422, {"reason": "Invalid", "message": 'Pod "x" is invalid'}, None, Rejected, None),
+        (403, {"reason": "Forbidden", "message": "exceeded quota"}, None, Rejected, None),
+    ],
+)
+def test_api_failures_are_classified_for_retry_or_report(
+    status: int, body: Manifest, retry_after: str | None, kind: type, delay: float | None
+) -> None:
+    error = _classify("POST", "/api/v1/namespaces/m/pods", status, json.dumps(body).encode(), retry_after)
+    assert isinstance(error, kind) and body["message"] in str(error) and f"HTTP {status}" in str(error)
+    if delay is not None:
+        assert isinstance(error, Retryable) and error.delay_s == delay
