@@ -39,3 +39,29 @@ LABEL_ROLE: Final = "moeserve.io/role"
 ROLE_HEAD: Final = "head"
 ROLE_ATTENTION: Final = "attention"
 ROLE_EXPERT: Final = "expert"
+
+# Operator-made objects: labels, annotations and names on pods, Services and ConfigMaps
+LABEL_INDEX: Final = "moeserve.io/index"  # a worker pod's index within its group (0..size-1)
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY: Final = "moeserve-operator"
+ANNOTATION_TEMPLATE_HASH: Final = "moeserve.io/template-hash"  # hash of the pod template a pod was made from
+ANNOTATION_HEAD_UID: Final = "moeserve.io/head-uid"  # uid of the Ray head pod a worker pod joined
+ANNOTATION_GROUP_SIZE: Final = "moeserve.io/group-size"  # size of the worker group a pod belongs to
+
+# Ray cluster inside the pods
+RAY_GCS_PORT: Final = 6379
+RAY_GCS_PORT_NAME: Final = "gcs"
+RAY_DASHBOARD_PORT: Final = 8265
+RAY_DASHBOARD_PORT_NAME: Final = "dashboard"
+RAY_SERVE_APPLICATIONS_PATH: Final = "/api/serve/applications/"  # Ray's Serve REST API (PUT, GET)
+# Ray custom resources: one unit per worker pod; each rank's actor asks for one unit of its role's.
+RAY_RESOURCE_ATTENTION: Final = "moeserve_attention"
+RAY_RESOURCE_EXPERT: Final = "moeserve_expert"
+
+# The Serve application
+SERVE_APP_NAME: Final = "moeserve"
+SERVE_APP_IMPORT_PATH: Final = "moeserve.workers.serve_app:build_app"
+SERVE_GRPC_SERVICER_FUNCTIONS: Final = ("moeserve.v1.inference_pb2_grpc.add_InferenceServicer_to_server",)
+SERVE_CONFIG_KEY: Final = "serve-app-config.json"  # ConfigMap key: the ServeAppConfig (the app's args)
+SERVE_DEPLOY_KEY: Final = "serve-deploy.json"  # ConfigMap key: the body of PUT /api/serve/applications/
+SERVE_CONFIG_DIR: Final = "/etc/moeserve"  # where the head pod mounts that ConfigMap

@@ -1,0 +1,147 @@
+"""What to do with one group of operator-made pods: create, delete, or restart it as a unit.
+
+`plan_group` compares the pods that exist (`PodState`) with the group they should form: `size` pods
+named by index, made from the template with hash `template_hash`, bound to the Ray head pod
+`head_uid`. The rules:
+- A member is broken when it failed or exited, is being deleted, was made from another template (a
+  spec change), or joined another head. A desired index is lost when it is missing although a member
+  says the group is at least that big: a pod that was part of the complete group and went away.
+  Members record that size (`moeserve.io/group-size`) only once the group is complete, so a group
+  whose creation was interrupted (an operator killed, a pod refused by admission) is completed, not
+  restarted. A broken member or a lost index restarts the group: delete every member, create nothing
+  until all are gone, then create the whole group afresh (a Ray/torch world is replaced as a whole).
+- Otherwise missing indices that no member claims are created (first creation, scale up, completing
+  an interrupted creation), pods beyond `size` are deleted (scale down), and once nothing is missing,
+  members whose recorded size differs get the group's size.
+The head is a group of one with `head_uid=None` (bound to nothing).
+
+Pure: this module reads pod manifests and returns a plan; `reconcile.py` carries it out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from moeserve import contract
+
+GONE_PHASES = ("Failed", "Succeeded")
+
+
+@dataclass(frozen=True)
+class PodState:
+    """What the planner needs to know about one existing pod."""
+
+    name: str
+    uid: str
+    index: int
+    phase: str = "Pending"
+    ready: bool = False
+    terminating: bool = False
+    template_hash: str = ""
+    head_uid: str = ""
+    group_size: int = 0
+    waiting_reason: str = ""
+    """Why it is not running yet, e.g. the scheduler's `0/4 nodes are available: ...`."""
+
+    @classmethod
+    def from_pod(cls, pod: Mapping[str, Any]) -> PodState:
+        meta = pod["metadata"]
+        annotations = meta.get("annotations") or {}
+        status = pod.get("status") or {}
+        conditions = {c.get("type"): c for c in status.get("conditions") or []}
+        scheduled = conditions.get("PodScheduled", {})
+        waiting = ""
+        if scheduled.get("status") == "False":
+            waiting = f"{scheduled.get('reason', 'Unschedulable')}: {scheduled.get('message', '')}".strip()
+        return cls(
+            name=meta["name"],
+            uid=meta.get("uid", ""),
+            index=_int(meta.get("labels", {}).get(contract.LABEL_INDEX), 0),
+            phase=status.get("phase", "Pending"),
+            ready=conditions.get("Ready", {}).get("status") == "True",
+            terminating=bool(meta.get("deletionTimestamp")),
+            template_hash=annotations.get(contract.ANNOTATION_TEMPLATE_HASH, ""),
+            head_uid=annotations.get(contract.ANNOTATION_HEAD_UID, ""),
+            group_size=_int(annotations.get(contract.ANNOTATION_GROUP_SIZE), 0),
+            waiting_reason=waiting,
+        )
+
+    @property
+    def running(self) -> bool:
+        return self.phase == "Running" and self.ready and not self.terminating
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    create: tuple[int, ...] = ()
+    """Indices to create."""
+    delete: tuple[PodState, ...] = ()
+    """Pods to delete (by name and uid)."""
+    resize: tuple[PodState, ...] = ()
+    """Members whose recorded group size to set to the group's size (only for a complete group)."""
+    restart: str = ""
+    """Why the whole group is being replaced; "" when it is not."""
+    waiting: tuple[str, ...] = field(default=())
+    """Pods still terminating that block creation."""
+
+
+def plan_group(
+    pods: Sequence[PodState],
+    size: int,
+    template_hash: str,
+    head_uid: str | None,
+    name: Callable[[int], str],
+    bound: bool = True,
+) -> GroupPlan:
+    """The next step for a group that should have `size` pods (see the module docstring).
+
+    `name(i)` is the name of member i. `bound`: members must have joined the head pod `head_uid`;
+    with `head_uid` None (no head yet, or one going away) every member is broken and nothing is made.
+    """
+    members = [p for p in pods if p.index < size]
+    extra = tuple(p for p in pods if p.index >= size and not p.terminating)
+    terminating = tuple(p.name for p in members if p.terminating)
+    reason = _restart_reason(size, template_hash, members, head_uid, bound, name)
+    if reason:
+        doomed = tuple(p for p in pods if not p.terminating)
+        return GroupPlan(delete=doomed, restart=reason, waiting=terminating)
+    if bound and head_uid is None:
+        return GroupPlan(delete=extra)
+    present = {p.index for p in members}
+    create = tuple(i for i in range(size) if i not in present)
+    resize = () if create else tuple(p for p in members if p.group_size != size)
+    return GroupPlan(create=create, delete=extra, resize=resize)
+
+
+def _restart_reason(
+    size: int,
+    template_hash: str,
+    members: Sequence[PodState],
+    head_uid: str | None,
+    bound: bool,
+    name: Callable[[int], str],
+) -> str:
+    for pod in members:
+        if pod.terminating:
+            return f"pod {pod.name} is being deleted"
+        if pod.phase in GONE_PHASES:
+            return f"pod {pod.name} {pod.phase.lower()}"
+        if pod.template_hash != template_hash:
+            return f"pod {pod.name} runs an older spec"
+        if bound and pod.head_uid != head_uid:
+            return f"pod {pod.name} joined a Ray head that is gone"
+    present = {p.index for p in members}
+    claimed = max((p.group_size for p in members), default=0)
+    lost = [i for i in range(min(size, claimed)) if i not in present]
+    if lost:
+        return f"pod {name(lost[0])} is gone"
+    return ""
+
+
+def _int(text: Any, default: int) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return default

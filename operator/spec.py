@@ -1,0 +1,245 @@
+"""The MoEService spec as typed, defaulted values, and the Serve application config it maps onto.
+
+`MoEServiceSpec.from_dict` reads a MoEService's `spec` (camelCase, as the API server stores it) into
+frozen dataclasses whose defaults equal the CRD's (tests/unit/test_operator_builders.py holds the two
+together). `serve_app_config` maps it onto `ServeAppConfig`, validated exactly as the Ray Serve app
+builder validates it.
+
+This module is not the first line of validation: the API server's schema and CEL rules reject what
+they can see; what only `ServeAppConfig` can tell (e.g. an expert placed on two ranks) surfaces here as
+`ServeConfigError`. Pure: no Kubernetes client, no kopf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from moeserve.serve_config import EngineLimits, ModelSpec, Ports, ServeAppConfig
+
+TopologyPolicy = Literal["Spread", "Pack"]
+TOPOLOGY_POLICIES: tuple[str, ...] = ("Spread", "Pack")
+DEFAULT_TOPOLOGY_KEY = "kubernetes.io/hostname"
+
+# CRD name (camelCase) -> EngineLimits field.
+ENGINE_FIELDS: dict[str, str] = {
+    "maxRunningRequests": "max_running_requests",
+    "maxWaitingRequests": "max_waiting_requests",
+    "maxTokensPerStep": "max_tokens_per_step",
+    "kvCacheTokens": "kv_cache_tokens",
+    "blockSize": "block_size",
+}
+
+
+class SpecError(ValueError):
+    """A spec that cannot be read; the message starts with the field path (`spec.replicas: ...`)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: str
+    """Checkpoint directory or URI, readable from every rank's pod."""
+    dtype: str = ModelSpec.dtype
+    """Weight and KV-cache dtype (bfloat16, float16, float32)."""
+    max_model_len: int | None = None
+    """Longest prompt + completion in tokens; None = the checkpoint's."""
+
+
+@dataclass(frozen=True)
+class RankGroup:
+    """The attention or the expert ranks of one model instance."""
+
+    ranks: int
+    """Ranks per model instance; each rank is one pod."""
+    gpus_per_rank: int = 1
+    """`nvidia.com/gpu` of each rank's pod (and GPUs its Ray actor asks for)."""
+    resources: Mapping[str, Any] = field(default_factory=dict)
+    """Container `requests`/`limits` besides GPUs (cpu, memory, ...)."""
+    placement: tuple[tuple[int, ...], ...] | None = None
+    """Experts only: routed expert ids per expert rank; None = contiguous."""
+
+
+@dataclass(frozen=True)
+class Serving:
+    grpc_port: int = Ports.grpc
+    """Ray Serve gRPC proxy port: on the head pod, the head Service and the client Service."""
+    metrics_port: int = Ports.metrics
+    """Prometheus port of attention rank 0 of each model instance."""
+    collective_timeout_s: float = ServeAppConfig.collective_timeout_s
+    """Seconds before a rank stuck in a collective gives up and its instance rebuilds."""
+    engine: EngineLimits = field(default_factory=EngineLimits)
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    affinity: Mapping[str, Any] = field(default_factory=dict)
+    """Merged into every pod's affinity (Pack adds a preferred pod-affinity term to it)."""
+    topology_key: str = DEFAULT_TOPOLOGY_KEY
+    """Node label that Spread spreads over and Pack packs into (e.g. topology.kubernetes.io/zone)."""
+    policy: TopologyPolicy = "Spread"
+    """Spread: each worker group spreads evenly over topology_key domains. Pack: prefer one domain."""
+    priority_class_name: str = ""
+
+
+@dataclass(frozen=True)
+class MoEServiceSpec:
+    image: str
+    """Image of the Ray head and worker pods (moeserve with the `ray` extra)."""
+    model: ModelSource
+    replicas: int = ServeAppConfig.replicas
+    """Model instances; 0 keeps the Ray head but runs no worker pods and no Serve application."""
+    attention: RankGroup = field(default_factory=lambda: RankGroup(ranks=ServeAppConfig.attention_ranks))
+    experts: RankGroup = field(default_factory=lambda: RankGroup(ranks=ServeAppConfig.expert_ranks))
+    serving: Serving = field(default_factory=Serving)
+    scheduling: Scheduling = field(default_factory=Scheduling)
+    head_resources: Mapping[str, Any] = field(default_factory=dict)
+    """Container requests/limits of the Ray head pod."""
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> MoEServiceSpec:
+        spec = _mapping(raw, "spec")
+        model = _mapping(spec.get("model"), "spec.model")
+        attention = _mapping(spec.get("attention", {}), "spec.attention")
+        experts = _mapping(spec.get("experts", {}), "spec.experts")
+        serving = _mapping(spec.get("serving", {}), "spec.serving")
+        engine = _mapping(serving.get("engine", {}), "spec.serving.engine")
+        scheduling = _mapping(spec.get("scheduling", {}), "spec.scheduling")
+        head = _mapping(spec.get("head", {}), "spec.head")
+        placement = experts.get("placement")
+        return cls(
+            image=_value(spec, "image", str, "spec", required=True),
+            model=ModelSource(
+                path=_value(model, "path", str, "spec.model", required=True),
+                dtype=_value(model, "dtype", str, "spec.model", ModelSource.dtype),
+                max_model_len=_value(model, "maxModelLen", int, "spec.model", None),
+            ),
+            replicas=_value(spec, "replicas", int, "spec", cls.replicas),
+            attention=_rank_group(attention, "spec.attention", ServeAppConfig.attention_ranks),
+            experts=_rank_group(experts, "spec.experts", ServeAppConfig.expert_ranks, placement),
+            serving=Serving(
+                grpc_port=_value(serving, "grpcPort", int, "spec.serving", Serving.grpc_port),
+                metrics_port=_value(serving, "metricsPort", int, "spec.serving", Serving.metrics_port),
+                collective_timeout_s=float(
+                    _value(
+                        serving,
+                        "collectiveTimeoutSeconds",
+                        (int, float),
+                        "spec.serving",
+                        Serving.collective_timeout_s,
+                    )
+                ),
+                engine=EngineLimits(
+                    **{
+                        py: _value(engine, crd, int, "spec.serving.engine", getattr(EngineLimits, py))
+                        for crd, py in ENGINE_FIELDS.items()
+                    }
+                ),
+            ),
+            scheduling=Scheduling(
+                node_selector=dict(
+                    _mapping(scheduling.get("nodeSelector", {}), "spec.scheduling.nodeSelector")
+                ),
+                tolerations=tuple(_value(scheduling, "tolerations", list, "spec.scheduling", [])),
+                affinity=dict(_mapping(scheduling.get("affinity", {}), "spec.scheduling.affinity")),
+                topology_key=_value(scheduling, "topologyKey", str, "spec.scheduling", DEFAULT_TOPOLOGY_KEY),
+                policy=_choice(scheduling, "policy", TOPOLOGY_POLICIES, "spec.scheduling", "Spread"),
+                priority_class_name=_value(scheduling, "priorityClassName", str, "spec.scheduling", ""),
+            ),
+            head_resources=dict(_mapping(head.get("resources", {}), "spec.head.resources")),
+        )
+
+    def group(self, role: Literal["attention", "expert"]) -> RankGroup:
+        return self.attention if role == "attention" else self.experts
+
+    def group_size(self, role: Literal["attention", "expert"]) -> int:
+        """Pods of a worker group: one per rank per model instance."""
+        return self.replicas * self.group(role).ranks
+
+
+def serve_app_config(spec: MoEServiceSpec, replicas: int | None = None) -> ServeAppConfig:
+    """The Serve application's config for `spec`, validated by `ServeAppConfig.from_dict`.
+
+    `replicas` overrides spec.replicas (the operator validates a scaled-to-zero spec with 1).
+    Raises `ServeConfigError` naming the ServeAppConfig field.
+    """
+    placement = spec.experts.placement
+    raw = {
+        "model": {
+            "path": spec.model.path,
+            "dtype": spec.model.dtype,
+            "max_model_len": spec.model.max_model_len,
+        },
+        "replicas": spec.replicas if replicas is None else replicas,
+        "attention_ranks": spec.attention.ranks,
+        "expert_ranks": spec.experts.ranks,
+        "placement": None if placement is None else [list(rank) for rank in placement],
+        "gpus_per_attention_rank": float(spec.attention.gpus_per_rank),
+        "gpus_per_expert_rank": float(spec.experts.gpus_per_rank) if spec.experts.ranks else 0.0,
+        "collective_timeout_s": spec.serving.collective_timeout_s,
+        "engine": {f.name: getattr(spec.serving.engine, f.name) for f in fields(EngineLimits)},
+        "ports": {"grpc": spec.serving.grpc_port, "metrics": spec.serving.metrics_port},
+    }
+    return ServeAppConfig.from_dict(raw)
+
+
+# -- readers: the API server has applied the CRD's types and defaults; these apply the same defaults
+#    to a partial spec (tests, hand-made objects) and name the field when a value has the wrong type.
+
+
+def _rank_group(raw: Mapping[str, Any], path: str, default_ranks: int, placement: Any = None) -> RankGroup:
+    return RankGroup(
+        ranks=_value(raw, "ranks", int, path, default_ranks),
+        gpus_per_rank=_value(raw, "gpusPerRank", int, path, RankGroup.gpus_per_rank),
+        resources=dict(_mapping(raw.get("resources", {}), f"{path}.resources")),
+        placement=None if placement is None else _placement(placement, f"{path}.placement"),
+    )
+
+
+def _placement(raw: Any, path: str) -> tuple[tuple[int, ...], ...]:
+    if not isinstance(raw, list) or not all(isinstance(rank, list) for rank in raw):
+        raise SpecError(f"{path}: expected a list of lists of expert ids")
+    if not all(isinstance(e, int) and not isinstance(e, bool) for rank in raw for e in rank):
+        raise SpecError(f"{path}: expert ids must be integers")
+    return tuple(tuple(rank) for rank in raw)
+
+
+def _mapping(raw: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{path}: expected an object, got {type(raw).__name__}")
+    return raw
+
+
+def _value(
+    raw: Mapping[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    path: str,
+    default: Any = None,
+    required: bool = False,
+) -> Any:
+    if key not in raw or raw[key] is None:
+        if required:
+            raise SpecError(f"{path}.{key}: required")
+        return default
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise SpecError(f"{path}.{key}: expected {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _choice(raw: Mapping[str, Any], key: str, choices: tuple[str, ...], path: str, default: str) -> Any:
+    value = _value(raw, key, str, path, default)
+    if value not in choices:
+        raise SpecError(f"{path}.{key}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)

@@ -1,0 +1,369 @@
+"""The operator's builders and spec reading, without a cluster: what a MoEService becomes.
+
+Also holds the chart's CRD and example to the code: the CRD's defaults are the spec reader's and
+ServeAppConfig's, and the example maps onto a ServeAppConfig and a deploy document Ray accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from moeserve import contract
+from moeserve.operator import builders
+from moeserve.operator.builders import GPU_RESOURCE, Owner
+from moeserve.operator.spec import ENGINE_FIELDS, MoEServiceSpec, SpecError, serve_app_config
+from moeserve.serve_config import EngineLimits, ServeAppConfig, ServeConfigError
+from tests.moeservices import crd, example, merge, moeservice
+
+pytestmark = pytest.mark.unit
+
+OWNER = Owner(name="demo", namespace="models", uid="0000-uid")
+
+
+def spec_of(**overrides: Any) -> MoEServiceSpec:
+    return MoEServiceSpec.from_dict(moeservice(**overrides)["spec"])
+
+
+def everything(spec: MoEServiceSpec) -> list[dict[str, Any]]:
+    desired = builders.desired_state(OWNER, spec)
+    workers = [
+        builders.worker_pod(g.template, OWNER.name, g.role, i, "head-uid")
+        for g in desired.workers
+        for i in range(g.size)
+    ]
+    return [desired.config_map, *desired.services, desired.head, *workers]
+
+
+def container(pod: dict[str, Any]) -> dict[str, Any]:
+    containers = pod["spec"]["containers"]
+    assert len(containers) == 1
+    result: dict[str, Any] = containers[0]
+    return result
+
+
+# -- the Serve application -------------------------------------------------------------------------
+
+
+def test_chart_example_maps_onto_a_valid_serve_app_config() -> None:
+    spec = MoEServiceSpec.from_dict(example()["spec"])
+    cfg = serve_app_config(spec)
+    assert ServeAppConfig.from_dict(cfg.to_dict()) == cfg
+    assert (cfg.attention_ranks, cfg.expert_ranks, cfg.replicas) == (2, 2, 1)
+    assert cfg.placement is not None and [len(rank) for rank in cfg.placement] == [32, 32]
+    assert cfg.gpus_per_attention_rank == 1.0 and cfg.gpus_per_expert_rank == 1.0
+    assert cfg.model.max_model_len == 8192 and cfg.engine.kv_cache_tokens == 131072
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic deprecations inside ray
+def test_deploy_document_is_accepted_by_ray_serve_and_carries_the_app_config() -> None:
+    from ray.serve.schema import ServeDeploySchema  # the schema Ray's PUT handler validates with
+
+    spec = spec_of(serving={"grpcPort": 9100})
+    document = builders.serve_deploy_document(spec)
+    parsed = ServeDeploySchema.model_validate(document)
+    assert parsed.grpc_options.port == 9100
+    assert parsed.grpc_options.grpc_servicer_functions == [
+        "moeserve.v1.inference_pb2_grpc.add_InferenceServicer_to_server"
+    ]
+    (app,) = parsed.applications
+    assert app.route_prefix is None and app.import_path == "moeserve.workers.serve_app:build_app"
+    assert ServeAppConfig.from_dict(app.args) == serve_app_config(spec)
+
+
+def test_config_map_holds_the_app_config_and_the_deploy_document() -> None:
+    spec = spec_of()
+    data = builders.config_map(OWNER, spec)["data"]
+    assert ServeAppConfig.from_dict(json.loads(data[contract.SERVE_CONFIG_KEY])) == serve_app_config(spec)
+    assert json.loads(data[contract.SERVE_DEPLOY_KEY]) == builders.serve_deploy_document(spec)
+
+
+def test_scaled_to_zero_deploys_no_application_but_still_validates_the_spec() -> None:
+    spec = spec_of(replicas=0)
+    assert builders.serve_deploy_document(spec)["applications"] == []
+    assert contract.SERVE_CONFIG_KEY not in builders.config_map(OWNER, spec)["data"]
+    assert [g.size for g in builders.desired_state(OWNER, spec).workers] == [0, 0]
+    with pytest.raises(ServeConfigError, match="placement"):
+        builders.desired_state(OWNER, spec_of(replicas=0, experts={"placement": [[0], [0]]}))
+
+
+def test_placement_hosting_an_expert_twice_fails_validation_naming_the_field() -> None:
+    spec = spec_of(experts={"placement": [[0, 1], [1, 2]]})
+    with pytest.raises(ServeConfigError, match=r"^placement: experts \[1\] are hosted more than once"):
+        builders.desired_state(OWNER, spec)
+
+
+# -- pods and services ----------------------------------------------------------------------------
+
+
+def test_every_object_is_labelled_and_owned_by_the_moeservice() -> None:
+    objects = everything(spec_of())
+    assert len(objects) == 1 + 2 + 1 + 4
+    for obj in objects:
+        meta = obj["metadata"]
+        assert meta["namespace"] == "models"
+        assert meta["labels"][contract.LABEL_SERVICE] == "demo"
+        (ref,) = meta["ownerReferences"]
+        assert ref == {
+            "apiVersion": "moeserve.io/v1alpha1",
+            "kind": "MoEService",
+            "name": "demo",
+            "uid": "0000-uid",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    roles = {
+        o["metadata"]["name"]: o["metadata"]["labels"].get(contract.LABEL_ROLE)
+        for o in objects
+        if o["kind"] == "Pod"
+    }
+    assert roles == {
+        "demo-head": "head",
+        "demo-attention-0": "attention",
+        "demo-attention-1": "attention",
+        "demo-expert-0": "expert",
+        "demo-expert-1": "expert",
+    }
+
+
+def test_worker_pods_request_their_gpus_and_offer_one_unit_of_their_ray_resource() -> None:
+    spec = spec_of(
+        attention={"gpusPerRank": 2, "resources": {"requests": {"cpu": "4"}}}, experts={"gpusPerRank": 1}
+    )
+    desired = builders.desired_state(OWNER, spec)
+    for group, gpus, resource in zip(
+        desired.workers, (2, 1), ("moeserve_attention", "moeserve_expert"), strict=True
+    ):
+        pod = builders.worker_pod(group.template, OWNER.name, group.role, 1, "head-uid")
+        c = container(pod)
+        assert c["resources"]["limits"][GPU_RESOURCE] == str(gpus)
+        assert c["resources"]["requests"][GPU_RESOURCE] == str(gpus)
+        assert f"--num-gpus={gpus}" in c["command"]
+        assert f'--resources={{"{resource}": 1}}' in c["command"]
+        assert "--address=demo-head.models.svc:6379" in c["command"]
+        assert pod["spec"]["restartPolicy"] == "Never"
+        meta = pod["metadata"]
+        assert meta["name"] == f"demo-{group.role}-1" and meta["labels"][contract.LABEL_INDEX] == "1"
+        assert meta["annotations"][contract.ANNOTATION_HEAD_UID] == "head-uid"
+        assert contract.ANNOTATION_GROUP_SIZE not in meta["annotations"]  # set once the group is complete
+    assert container(desired.workers[0].template)["resources"]["requests"]["cpu"] == "4"
+    head = container(desired.head)
+    assert GPU_RESOURCE not in json.dumps(head["resources"]) and "--num-gpus=0" in head["command"]
+
+
+def test_cpu_only_ranks_request_no_gpus() -> None:
+    spec = spec_of(attention={"gpusPerRank": 0}, experts={"gpusPerRank": 0})
+    for group in builders.desired_state(OWNER, spec).workers:
+        assert GPU_RESOURCE not in json.dumps(group.template)
+        assert "--num-gpus=0" in container(group.template)["command"]
+
+
+def test_group_sizes_are_replicas_times_ranks() -> None:
+    spec = spec_of(replicas=3, attention={"ranks": 2}, experts={"ranks": 4})
+    assert {g.role: g.size for g in builders.desired_state(OWNER, spec).workers} == {
+        "attention": 6,
+        "expert": 12,
+    }
+
+
+def test_spread_policy_spreads_each_worker_group_over_the_topology_key() -> None:
+    spec = spec_of(scheduling={"topologyKey": "topology.kubernetes.io/zone"})
+    desired = builders.desired_state(OWNER, spec)
+    for group in desired.workers:
+        (constraint,) = group.template["spec"]["topologySpreadConstraints"]
+        assert constraint["topologyKey"] == "topology.kubernetes.io/zone"
+        assert constraint["maxSkew"] == 1
+        assert constraint["labelSelector"]["matchLabels"] == builders.labels("demo", group.role)
+    assert "topologySpreadConstraints" not in desired.head["spec"]
+
+
+def test_pack_policy_prefers_one_domain_and_keeps_the_users_affinity() -> None:
+    node_affinity: dict[str, Any] = {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}
+    }
+    spec = spec_of(
+        scheduling={
+            "policy": "Pack",
+            "topologyKey": "moeserve.io/rack",
+            "affinity": {"nodeAffinity": node_affinity},
+        }
+    )
+    template = builders.desired_state(OWNER, spec).workers[1].template
+    affinity = template["spec"]["affinity"]
+    assert affinity["nodeAffinity"] == node_affinity
+    (term,) = affinity["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "moeserve.io/rack"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"][contract.LABEL_ROLE] == "expert"
+    assert "topologySpreadConstraints" not in template["spec"]
+
+
+def test_node_selector_tolerations_and_priority_go_to_every_pod() -> None:
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    spec = spec_of(
+        scheduling={
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [toleration],
+            "priorityClassName": "inference",
+        }
+    )
+    pods = [o for o in everything(spec) if o["kind"] == "Pod"]
+    for pod in pods:
+        assert pod["spec"]["nodeSelector"] == {"pool": "gpu"}
+        assert pod["spec"]["tolerations"] == [toleration]
+        assert pod["spec"]["priorityClassName"] == "inference"
+
+
+def test_scaling_keeps_the_pod_templates_and_a_spec_change_does_not() -> None:
+    def hashes(spec: MoEServiceSpec) -> list[str]:
+        desired = builders.desired_state(OWNER, spec)
+        return [
+            builders.template_hash(desired.head),
+            *(builders.template_hash(g.template) for g in desired.workers),
+        ]
+
+    base = hashes(spec_of())
+    assert hashes(spec_of(replicas=5)) == base
+    assert hashes(spec_of(serving={"engine": {"maxRunningRequests": 8}})) == base  # lives in the ConfigMap
+    image = hashes(spec_of(image="registry.invalid/moeserve:other"))
+    assert all(a != b for a, b in zip(image, base, strict=True))
+    gpus = hashes(spec_of(experts={"gpusPerRank": 2}))
+    assert gpus[:2] == base[:2] and gpus[2] != base[2]
+
+
+def test_services_expose_the_head_and_the_grpc_endpoint() -> None:
+    spec = spec_of(serving={"grpcPort": 9100})
+    head, client = builders.desired_state(OWNER, spec).services
+    head_selector = {contract.LABEL_SERVICE: "demo", contract.LABEL_ROLE: "head"}
+    assert head["metadata"]["name"] == "demo-head" and client["metadata"]["name"] == "demo"
+    for service in (head, client):
+        assert head_selector.items() <= service["spec"]["selector"].items()
+    assert {p["name"]: p["port"] for p in head["spec"]["ports"]} == {
+        "gcs": 6379,
+        "dashboard": 8265,
+        "grpc": 9100,
+    }
+    assert [(p["name"], p["port"], p["targetPort"]) for p in client["spec"]["ports"]] == [
+        ("grpc", 9100, "grpc")
+    ]
+    ports = {p["name"]: p["containerPort"] for p in container(builders.head_pod(OWNER, spec))["ports"]}
+    assert ports == {"gcs": 6379, "dashboard": 8265, "grpc": 9100}
+    assert builders.endpoint(OWNER, spec) == "demo.models.svc:9100"
+
+
+# -- reading the spec ------------------------------------------------------------------------------
+
+
+IMAGE_MIN = "registry.invalid/x:1"
+
+
+def test_a_minimal_spec_gets_the_defaults() -> None:
+    spec = MoEServiceSpec.from_dict({"image": IMAGE_MIN, "model": {"path": "/m"}})
+    cfg = serve_app_config(spec)
+    assert (cfg.replicas, cfg.attention_ranks, cfg.expert_ranks, cfg.placement) == (1, 1, 0, None)
+    assert (cfg.ports.grpc, cfg.ports.metrics, cfg.engine) == (9000, 8080, EngineLimits())
+    assert cfg.gpus_per_attention_rank == 1.0 and cfg.gpus_per_expert_rank == 0.0  # no expert ranks
+    assert spec.scheduling.policy == "Spread" and spec.scheduling.topology_key == "kubernetes.io/hostname"
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"model": {"path": "/m"}}, "spec.image: required"),
+        ({"image": "x", "model": {}}, "spec.model.path: required"),
+        ({"image": "x", "model": {"path": "/m"}, "replicas": "2"}, "spec.replicas: expected an integer"),
+        ({"image": "x", "model": {"path": "/m"}, "attention": []}, "spec.attention: expected an object"),
+        (
+            {"image": "x", "model": {"path": "/m"}, "scheduling": {"policy": "Fill"}},
+            "spec.scheduling.policy: must be one of",
+        ),
+        (
+            {"image": "x", "model": {"path": "/m"}, "experts": {"placement": [[0, "a"]]}},
+            "spec.experts.placement: expert ids",
+        ),
+    ],
+)
+def test_an_unreadable_spec_names_the_field(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError, match=f"^{message}"):
+        MoEServiceSpec.from_dict(spec)
+
+
+# -- the chart's CRD -------------------------------------------------------------------------------
+
+
+def _schema() -> dict[str, Any]:
+    (version,) = crd()["spec"]["versions"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def _apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """Structural defaulting as the API server does it: defaults fill absent fields, recursively."""
+    if schema.get("type") != "object" or not isinstance(value, dict):
+        return value
+    out = dict(value)
+    for key, sub in (schema.get("properties") or {}).items():
+        if key not in out and "default" in sub:
+            out[key] = json.loads(json.dumps(sub["default"]))
+        if key in out:
+            out[key] = _apply_defaults(sub, out[key])
+    return out
+
+
+def test_crd_defaults_equal_the_spec_readers_and_serve_app_configs() -> None:
+    minimal = {"image": IMAGE_MIN, "model": {"path": "/m"}}
+    defaulted = _apply_defaults(_schema()["properties"]["spec"], minimal)
+    assert defaulted["serving"]["engine"] == {
+        crd_name: getattr(EngineLimits(), f) for crd_name, f in ENGINE_FIELDS.items()
+    }
+    assert MoEServiceSpec.from_dict(defaulted) == MoEServiceSpec.from_dict(minimal)
+    from_crd = serve_app_config(MoEServiceSpec.from_dict(defaulted)).to_dict()
+    plain = ServeAppConfig().to_dict()
+    differs = {k for k in plain if from_crd[k] != plain[k]}
+    # Only what a MoEService must say, or where a pod-based deployment needs another default.
+    assert differs == {"model", "gpus_per_attention_rank"}, differs
+
+
+def test_crd_engine_fields_are_exactly_the_engine_limits() -> None:
+    engine = _schema()["properties"]["spec"]["properties"]["serving"]["properties"]["engine"]
+    assert set(engine["properties"]) == set(ENGINE_FIELDS)
+    assert sorted(ENGINE_FIELDS.values()) == sorted(EngineLimits().__dataclass_fields__)
+
+
+def test_crd_names_scale_subresource_and_printer_columns() -> None:
+    definition = crd()
+    names = definition["spec"]["names"]
+    assert definition["metadata"]["name"] == f"{contract.PLURAL}.{contract.API_GROUP}"
+    assert (names["kind"], names["plural"], names["shortNames"]) == (
+        contract.KIND,
+        contract.PLURAL,
+        [contract.SHORT_NAME],
+    )
+    (version,) = definition["spec"]["versions"]
+    assert version["name"] == contract.API_VERSION
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+    }
+    columns = [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority", 0) == 0]
+    assert columns == ["Ready", "Replicas", "Attention", "Experts", "Endpoint", "Age"]
+
+
+def test_test_builder_merges_nested_overrides() -> None:
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}, "d": None}) == {"a": {"b": 1, "c": 3}}
+
+
+# -- layering --------------------------------------------------------------------------------------
+
+
+def test_importing_the_operator_imports_neither_torch_nor_ray() -> None:
+    code = (
+        "import sys, moeserve.operator.main, moeserve.operator.handlers; "
+        "bad = sorted(m for m in ('torch', 'ray') if m in sys.modules); "
+        "print(','.join(bad)); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"moeserve.operator imported {done.stdout.strip()} {done.stderr[-2000:]}"
