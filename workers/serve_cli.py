@@ -61,6 +61,18 @@ def add_serve_parser(sub: argparse._SubParsersAction, dtypes: list[str], default
     serve.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
+    serve.add_argument(
+        "--attention-ranks", type=int, default=1, help="attention-rank processes (with --expert-ranks)"
+    )
+    serve.add_argument(
+        "--expert-ranks",
+        type=int,
+        default=0,
+        help="expert-rank processes; 0 (default) serves the whole model in this process",
+    )
+    serve.add_argument(
+        "--collective-timeout", type=float, default=60.0, help="seconds a rank waits in a collective"
+    )
 
 
 def add_endpoint_arguments(gen: argparse.ArgumentParser) -> None:
@@ -106,7 +118,26 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
         metrics = f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""
         print(f"moeserve: listening on {args.host}:{server.port}{metrics}; loading {args.model}", flush=True)
 
-    loader = local_loader(args.model, dtypes[args.dtype], settings)  # type: ignore[arg-type]
+    if args.attention_ranks < 1:
+        parser.error(f"--attention-ranks: must be >= 1, got {args.attention_ranks}")
+    if args.expert_ranks < 0:
+        parser.error(f"--expert-ranks: must be >= 0, got {args.expert_ranks}")
+    if args.expert_ranks == 0 and args.attention_ranks != 1:
+        parser.error("--attention-ranks > 1 needs --expert-ranks >= 1")
+    if args.expert_ranks:
+        from moeserve.workers.ep_rank import EPSettings
+        from moeserve.workers.server.ep_frontend import ep_loader
+
+        ep = EPSettings(
+            args.attention_ranks,
+            args.expert_ranks,
+            collective_timeout_s=args.collective_timeout,
+            dtype=dtypes[args.dtype],  # type: ignore[arg-type]
+            block_size=settings.block_size,
+        )
+        loader = ep_loader(args.model, dtypes[args.dtype], settings, ep)  # type: ignore[arg-type]
+    else:
+        loader = local_loader(args.model, dtypes[args.dtype], settings)  # type: ignore[arg-type]
     asyncio.run(serve(listen, loader, args.grace, announce))
     return 0
 
