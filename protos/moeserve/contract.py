@@ -39,3 +39,9 @@ LABEL_ROLE: Final = "moeserve.io/role"
 ROLE_HEAD: Final = "head"
 ROLE_ATTENTION: Final = "attention"
 ROLE_EXPERT: Final = "expert"
+
+# Ray Serve application (the operator deploys exactly these)
+SERVE_IMPORT_PATH: Final = "moeserve.workers.serve_app:build_app"
+SERVE_GRPC_SERVICER_FUNCTION: Final = "moeserve.v1.inference_pb2_grpc.add_InferenceServicer_to_server"
+RAY_RESOURCE_ATTENTION: Final = "moeserve_attention"  # custom resource of attention worker pods
+RAY_RESOURCE_EXPERT: Final = "moeserve_expert"  # custom resource of expert worker pods
