@@ -130,10 +130,10 @@ class InferenceIngress:
             job = to_engine(request, self.engine, self.tokenizer)
         except InvalidRequest as e:
             _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        stream = self.model.options(stream=True).generate.remote(
+        stream: Any = self.model.options(stream=True).generate.remote(
             job.prompt_ids, job.sampling, request.request_id, None
         )
-        async for out in stream:
+        async for out in stream:  # a DeploymentResponseGenerator
             if out.abort_cause in _STATUS:
                 _fail(grpc_context, _STATUS[out.abort_cause], f"{out.abort_cause}: {out.error}")
             yield to_response(out)
@@ -164,5 +164,37 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     except PlacementError as e:
         raise ServeConfigError(f"placement: {e}") from e
     config = cfg.to_dict()
-    model = ModelInstance.options(num_replicas=cfg.replicas).bind(config)
-    return InferenceIngress.bind(model, config)
+    model = ModelInstance.options(num_replicas=cfg.replicas).bind(config)  # type: ignore[attr-defined]
+    return InferenceIngress.bind(model, config)  # type: ignore[attr-defined,no-any-return]
+
+
+def run_with_ray(cfg: ServeAppConfig, ray_address: str | None, host: str = "0.0.0.0") -> None:
+    """`moeserve serve --ray`: start (or join) Ray, run the app behind Serve's gRPC proxy until
+    SIGINT/SIGTERM, then shut Serve and Ray down."""
+    import signal
+    import threading
+
+    import ray
+    from ray.serve.config import gRPCOptions
+
+    from moeserve import contract
+
+    app = build_app(cfg.to_dict())  # a bad config fails before Ray starts
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if ray_address:
+        ray.init(address=ray_address)
+    else:
+        ray.init(include_dashboard=False)
+    try:
+        grpc_options = gRPCOptions(
+            port=cfg.ports.grpc, grpc_servicer_functions=[contract.SERVE_GRPC_SERVICER_FUNCTION]
+        )
+        serve.start(http_options={"host": host, "port": 0}, grpc_options=grpc_options)
+        serve.run(app, name="moeserve", route_prefix=None)
+        print(f"moeserve: serving through Ray Serve's gRPC proxy on :{cfg.ports.grpc}", flush=True)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()

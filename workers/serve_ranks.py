@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 ACTOR_PREFIX = "moeserve-rank"  # actor names: f"{ACTOR_PREFIX}-{instance}-{generation}-{role}-{rank}"
 
 
-@ray.remote(max_concurrency=1000)
+@ray.remote(max_concurrency=1000)  # type: ignore[call-overload]
 class AttentionRankActor:
     """One attention rank. Async: `generate` streams while the engine thread steps."""
 
@@ -68,11 +68,12 @@ class AttentionRankActor:
             ranker.start()
             return ranker
 
-        self.ranker = await asyncio.to_thread(start)
-        while self.ranker.loop.alive:
+        ranker: AttentionRank = await asyncio.to_thread(start)
+        self.ranker = ranker
+        while ranker.loop.alive:
             await asyncio.sleep(0.1)
-        if self.ranker.loop.failure is not None:
-            raise RuntimeError(f"{self.ranker.world.name} failed: {self.ranker.loop.failure!r}")
+        if ranker.loop.failure is not None:
+            raise RuntimeError(f"{ranker.world.name} failed: {ranker.loop.failure!r}")
 
     async def ready(self) -> bool:
         return self.ranker is not None and self.ranker.loop.alive
@@ -154,8 +155,8 @@ class RankWorld:
         await asyncio.wait_for(self.pg.ready(), timeout_s)
         for rank in range(self.layout.size):
             role = self.layout.role(rank)
-            cls = AttentionRankActor if role == "attention" else ExpertRankActor
-            actor = cls.options(  # type: ignore[attr-defined]
+            cls: Any = AttentionRankActor if role == "attention" else ExpertRankActor
+            actor = cls.options(
                 name=f"{self.name}-{role}-{rank}",
                 num_cpus=1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
