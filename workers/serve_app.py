@@ -168,9 +168,18 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return InferenceIngress.bind(model, config)  # type: ignore[attr-defined,no-any-return]
 
 
+class _Stop(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
+def _raise_stop(*_: object) -> None:
+    raise _Stop()
+
+
 def run_with_ray(cfg: ServeAppConfig, ray_address: str | None, host: str = "0.0.0.0") -> None:
     """`moeserve serve --ray`: start (or join) Ray, run the app behind Serve's gRPC proxy until
     SIGINT/SIGTERM, then shut Serve and Ray down."""
+    import os
     import signal
     import threading
 
@@ -180,21 +189,25 @@ def run_with_ray(cfg: ServeAppConfig, ray_address: str | None, host: str = "0.0.
     from moeserve import contract
 
     app = build_app(cfg.to_dict())  # a bad config fails before Ray starts
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     if ray_address:
         ray.init(address=ray_address)
-    else:
-        ray.init(include_dashboard=False)
+    else:  # logical CPUs: one bundle per rank of every instance, whatever the cores
+        ranks = cfg.replicas * (cfg.attention_ranks + cfg.expert_ranks)
+        ray.init(num_cpus=max(os.cpu_count() or 1, ranks + 1), include_dashboard=False)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(sig, _raise_stop)
     try:
         grpc_options = gRPCOptions(
             port=cfg.ports.grpc, grpc_servicer_functions=[contract.SERVE_GRPC_SERVICER_FUNCTION]
         )
         serve.start(http_options={"host": host, "port": 0}, grpc_options=grpc_options)
-        serve.run(app, name="moeserve", route_prefix=None)
+        serve.run(app, name="moeserve")
         print(f"moeserve: serving through Ray Serve's gRPC proxy on :{cfg.ports.grpc}", flush=True)
-        stop.wait()
+        threading.Event().wait()
+    except _Stop:
+        log.info("signal received; shutting down Serve and Ray")
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         serve.shutdown()
         ray.shutdown()

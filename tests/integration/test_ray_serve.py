@@ -4,7 +4,10 @@ ends its stream UNAVAILABLE and its instance serves again, and bad configs start
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 import torch
 from conftest import MAIN_SETTINGS
@@ -99,6 +103,33 @@ def rank_actors(role: str) -> dict[str, Any]:
             except ValueError:
                 pass
     return found
+
+
+def test_serve_cli_with_ray_serves_then_stops_cleanly_on_sigterm(serving_checkpoint: Path) -> None:
+    """Runs first, before the module's cluster exists: it starts and stops a Ray of its own."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "moeserve.workers.cli", "serve", "--ray", "--model", str(serving_checkpoint)]
+    cmd += ["--expert-ranks", "2", "--port", str(port), "--max-model-len", "256"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "serving through Ray Serve" in line:
+                break
+        with InferenceClient(f"127.0.0.1:{port}") as client:
+            done = client.generate(build_request(None, [3, 4, 5], max_tokens=4, temperature=0.0))
+        assert done.completion_tokens == 4
+        ray_processes = psutil.Process(proc.pid).children(recursive=True)  # raylet, GCS, workers
+        assert ray_processes
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, alive = psutil.wait_procs(ray_processes, timeout=15)
+    assert not alive, f"Ray processes left behind: {[p.name() for p in alive]}"
 
 
 def test_grpc_through_serve_matches_the_single_process_server(address: str, reference: list[tuple]) -> None:
