@@ -233,6 +233,10 @@ class ExpertServer:
             stats.bytes_sent += _nbytes(send, partial)
             stats.add("send", t0)
 
+    def drain(self) -> None:
+        """Wait for this rank's combine sends still in flight (end of a step)."""
+        self._drain()
+
     def _drain(self) -> None:
         if self._sending:
             self.world.wait([work for work, _ in self._sending], "combine")

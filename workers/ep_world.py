@@ -195,6 +195,22 @@ class EPWorld:
         go, n = flags.tolist()
         return bool(go), int(n)
 
+    def serving_control(self, has_work: bool, stop: bool) -> tuple[bool, bool]:
+        """Every rank, every serving iteration: (does any attention rank have work, does any rank stop).
+
+        The serving variant of `step_control`: one micro-batch per step, and a stop flag so that every
+        rank leaves the lockstep in the same iteration."""
+        flags = torch.tensor([int(has_work), int(stop)], dtype=torch.long, device=self.device)  # [2]
+        what = "serving control"
+        try:
+            work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        except RuntimeError as e:
+            raise self._error(what, e) from e
+        assert work is not None
+        self.wait([work], what)  # [2] MAX over all ranks
+        go, halt = flags.tolist()
+        return bool(go), bool(halt)
+
     def _watch(self, what: str, timeout_s: float) -> AbstractContextManager[None]:
         return self.watchdog.watch(f"{self.name}: {what}", timeout_s) if self.watchdog else _nothing()
 

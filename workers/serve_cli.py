@@ -61,6 +61,25 @@ def add_serve_parser(sub: argparse._SubParsersAction, dtypes: list[str], default
     serve.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
+    serve.add_argument(
+        "--attention-ranks", type=int, default=1, help="attention-rank processes (with --expert-ranks)"
+    )
+    serve.add_argument(
+        "--expert-ranks",
+        type=int,
+        default=0,
+        help="expert-rank processes; 0 (default) serves the whole model in this process",
+    )
+    serve.add_argument(
+        "--collective-timeout", type=float, default=60.0, help="seconds a rank waits in a collective"
+    )
+    serve.add_argument(
+        "--ray", action="store_true", help="serve through Ray Serve (its gRPC proxy on --port)"
+    )
+    serve.add_argument(
+        "--ray-address", default=None, help="join this Ray cluster (default: start a local one)"
+    )
+    serve.add_argument("--replicas", type=int, default=1, help="model instances (with --ray)")
 
 
 def add_endpoint_arguments(gen: argparse.ArgumentParser) -> None:
@@ -106,8 +125,58 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
         metrics = f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""
         print(f"moeserve: listening on {args.host}:{server.port}{metrics}; loading {args.model}", flush=True)
 
-    loader = local_loader(args.model, dtypes[args.dtype], settings)  # type: ignore[arg-type]
+    if args.attention_ranks < 1:
+        parser.error(f"--attention-ranks: must be >= 1, got {args.attention_ranks}")
+    if args.expert_ranks < 0:
+        parser.error(f"--expert-ranks: must be >= 0, got {args.expert_ranks}")
+    if args.expert_ranks == 0 and args.attention_ranks != 1:
+        parser.error("--attention-ranks > 1 needs --expert-ranks >= 1")
+    if args.ray:
+        return run_ray_serve(parser, args)
+    if args.expert_ranks:
+        from moeserve.workers.ep_rank import EPSettings
+        from moeserve.workers.server.ep_frontend import ep_loader
+
+        ep = EPSettings(
+            args.attention_ranks,
+            args.expert_ranks,
+            collective_timeout_s=args.collective_timeout,
+            dtype=dtypes[args.dtype],  # type: ignore[arg-type]
+            block_size=settings.block_size,
+        )
+        loader = ep_loader(args.model, dtypes[args.dtype], settings, ep)  # type: ignore[arg-type]
+    else:
+        loader = local_loader(args.model, dtypes[args.dtype], settings)  # type: ignore[arg-type]
     asyncio.run(serve(listen, loader, args.grace, announce))
+    return 0
+
+
+def run_ray_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`moeserve serve --ray`: the same flags, as the `ServeAppConfig` the operator would generate."""
+    from moeserve.serve_config import ServeAppConfig, ServeConfigError
+    from moeserve.workers.serve_app import run_with_ray
+
+    raw = {
+        "model": {"path": str(args.model), "dtype": args.dtype, "max_model_len": args.max_model_len},
+        "replicas": args.replicas,
+        "attention_ranks": args.attention_ranks,
+        "expert_ranks": args.expert_ranks or 1,
+        "collective_timeout_s": args.collective_timeout,
+        "engine": {
+            "max_running_requests": args.max_num_seqs,
+            "max_waiting_requests": args.max_waiting,
+            "max_tokens_per_step": args.max_num_batched_tokens,
+            "kv_cache_tokens": args.kv_cache_tokens,
+            "block_size": args.block_size,
+        },
+        "ports": {"grpc": args.port, "metrics": args.metrics_port},
+    }
+    try:
+        cfg = ServeAppConfig.from_dict(raw)
+    except ServeConfigError as e:
+        parser.error(str(e))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_with_ray(cfg, args.ray_address, args.host)
     return 0
 
 

@@ -97,6 +97,28 @@ class EngineLoop:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
+    def _drain_inbox(self) -> tuple[list[Request], list[tuple[int, AbortCause]], bool]:
+        """(new requests, aborts, stopping), taking the requests and aborts out of the inbox."""
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+            return inbox, aborts, self._stopping
+
+    def mark_stopping(self) -> None:
+        with self._cond:
+            self._stopping = True
+
+    def idle(self, seconds: float) -> None:
+        """Wait up to `seconds`, less if a request, an abort or a stop arrives."""
+        with self._cond:
+            if not (self._inbox or self._aborts or self._stopping):
+                self._cond.wait(seconds)
+
+    def count_waiting(self) -> None:
+        """Refresh the waiting count (inbox + the engine's waiting queue) before outputs go out."""
+        with self._cond:
+            self._num_waiting = len(self._inbox) + len(self.engine.scheduler.waiting)
+
     def _next_deadline(self) -> float | None:
         deadlines = [r.deadline for r in self.engine.requests.values() if r.deadline is not None]
         return min(deadlines, default=None)

@@ -19,7 +19,8 @@ from moeserve.workers.engine.text import TextStream
 from moeserve.workers.kv_cache import SequenceBlocks
 
 FinishReason = Literal["stop", "length", "abort"]
-AbortCause = Literal["cancelled", "deadline", "stopping", "failed"]
+# unavailable: the model instance lost a rank
+AbortCause = Literal["cancelled", "deadline", "stopping", "failed", "unavailable"]
 MAX_LOGPROBS = 20
 
 

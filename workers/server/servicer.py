@@ -1,9 +1,9 @@
 """`moeserve.v1.Inference` on grpc.aio: validates, submits to the engine loop, streams its outputs.
 
 Failures map to status codes with a message: INVALID_ARGUMENT (bad field, named), RESOURCE_EXHAUSTED
-(queue full), UNAVAILABLE (loading, load failed, stopping), DEADLINE_EXCEEDED, INTERNAL (engine
-failed). A stream that ends early for any reason (client cancel, disconnect, deadline) aborts its
-engine request, which frees its KV blocks before the next step.
+(queue full), UNAVAILABLE (loading, load failed, stopping, a rank of the instance lost),
+DEADLINE_EXCEEDED, INTERNAL (engine failed). A stream that ends early for any reason (client cancel,
+disconnect, deadline) aborts its engine request, which frees its KV blocks before the next step.
 """
 
 from __future__ import annotations
@@ -12,22 +12,49 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 
 from moeserve.v1 import inference_pb2 as pb
 from moeserve.v1 import inference_pb2_grpc as pb_grpc
-from moeserve.workers.engine.loop import EngineFailed, EngineLoop, EngineStopped, QueueFull
-from moeserve.workers.engine.request import InvalidRequest, RequestOutput
+from moeserve.workers.engine.core import Engine
+from moeserve.workers.engine.loop import EngineFailed, EngineStopped, QueueFull
+from moeserve.workers.engine.request import AbortCause, InvalidRequest, RequestOutput, SamplingParams, Sink
 from moeserve.workers.server.convert import to_engine, to_response
 from moeserve.workers.tokenizer import Tokenizer
+
+
+class RequestLoop(Protocol):
+    """What the servicer needs of an engine loop: `EngineLoop`, or a front end of several ranks."""
+
+    @property
+    def engine(self) -> Engine:
+        """An engine with the served limits; requests are validated against it."""
+        ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        sink: Sink,
+        request_id: str = "",
+        deadline: float | None = None,
+    ) -> int: ...
+
+    def abort(self, key: int, cause: AbortCause = "cancelled") -> None: ...
+
+    def stop(self, timeout: float | None = 10.0) -> None: ...
 
 
 @dataclass
 class Backend:
     """A loaded model behind the API: its engine loop, tokenizer and description."""
 
-    loop: EngineLoop
+    loop: RequestLoop
     tokenizer: Tokenizer | None
     info: pb.ModelInfo
 
@@ -100,6 +127,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 finished = out.finished
                 if out.abort_cause == "deadline":
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+                if out.abort_cause == "unavailable":
+                    message = f"model instance unavailable: {out.error}"
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, message)
                 if out.abort_cause == "failed":
                     await context.abort(grpc.StatusCode.INTERNAL, f"engine failed: {out.error}")
                 yield to_response(out)

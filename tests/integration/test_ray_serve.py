@@ -1,0 +1,208 @@
+"""The Ray Serve application on one small local Ray cluster: gRPC through Serve's proxy gives the
+single-process server's greedy outputs, two model instances serve together, a killed expert actor
+ends its stream UNAVAILABLE and its instance serves again, and bad configs start nothing."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+import torch
+from conftest import MAIN_SETTINGS
+
+from moeserve import contract
+from moeserve.serve_config import ServeConfigError
+from moeserve.v1 import inference_pb2 as pb
+from moeserve.workers.client import InferenceClient, build_request
+from moeserve.workers.server.app import BackgroundServer, local_loader
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+pytestmark = pytest.mark.integration
+TIMEOUT_S = 10.0
+
+
+def app_config(path: Path, **changes: Any) -> dict[str, Any]:
+    return {
+        "model": {"path": str(path), "dtype": "float32", "max_model_len": MAIN_SETTINGS.max_model_len},
+        "replicas": 2,
+        "attention_ranks": 1,
+        "expert_ranks": 2,
+        "collective_timeout_s": TIMEOUT_S,
+        "engine": {
+            "max_tokens_per_step": MAIN_SETTINGS.max_num_batched_tokens,
+            "kv_cache_tokens": MAIN_SETTINGS.kv_cache_tokens,
+        },
+        **changes,
+    }
+
+
+def requests() -> list[pb.GenerateRequest]:
+    prompts = [list(range(3, 8)), list(range(20, 37)), list(range(40, 73)), [9], list(range(100, 120))]
+    reqs = [build_request(None, p, max_tokens=6 + i, temperature=0.0) for i, p in enumerate(prompts)]
+    return [*reqs, build_request("experts route latent", None, max_tokens=5, temperature=0.0)]
+
+
+def outputs(address: str, reqs: list[pb.GenerateRequest]) -> list[tuple]:
+    with InferenceClient(address) as client, ThreadPoolExecutor(len(reqs)) as pool:
+        done = list(pool.map(client.generate, reqs))
+    return [(c.token_ids, c.text, c.finish_reason) for c in done]
+
+
+@pytest.fixture(scope="module")
+def reference(serving_checkpoint: Path) -> list[tuple]:
+    with BackgroundServer(local_loader(serving_checkpoint, torch.float32, MAIN_SETTINGS)) as server:
+        return outputs(server.address, requests())
+
+
+@pytest.fixture(scope="module")
+def address(serving_checkpoint: Path) -> Iterator[str]:
+    from ray.serve.config import gRPCOptions
+
+    from moeserve.workers.serve_app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=8, include_dashboard=False)
+    try:
+        serve.start(
+            http_options={"port": 0},
+            grpc_options=gRPCOptions(
+                port=port, grpc_servicer_functions=list(contract.SERVE_GRPC_SERVICER_FUNCTIONS)
+            ),
+        )
+        serve.run(build_app(app_config(serving_checkpoint)), name="moeserve")
+        yield f"127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def rank_actors(role: str) -> dict[str, Any]:
+    """name -> handle of the live rank actors of a role."""
+    from moeserve.workers.serve_ranks import ACTOR_PREFIX
+
+    found = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"]
+        if name.startswith(ACTOR_PREFIX) and f"-{role}-" in name:
+            try:
+                found[name] = ray.get_actor(name, namespace=entry["namespace"])
+            except ValueError:
+                pass
+    return found
+
+
+def test_serve_cli_with_ray_serves_then_stops_cleanly_on_sigterm(serving_checkpoint: Path) -> None:
+    """Runs first, before the module's cluster exists: it starts and stops a Ray of its own."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "moeserve.workers.cli", "serve", "--ray", "--model", str(serving_checkpoint)]
+    cmd += ["--expert-ranks", "2", "--port", str(port), "--max-model-len", "256"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "serving through Ray Serve" in line:
+                break
+        with InferenceClient(f"127.0.0.1:{port}") as client:
+            done = client.generate(build_request(None, [3, 4, 5], max_tokens=4, temperature=0.0))
+        assert done.completion_tokens == 4
+        ray_processes = psutil.Process(proc.pid).children(recursive=True)  # raylet, GCS, workers
+        assert ray_processes
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, alive = psutil.wait_procs(ray_processes, timeout=15)
+    assert not alive, f"Ray processes left behind: {[p.name() for p in alive]}"
+
+
+def test_grpc_through_serve_matches_the_single_process_server(address: str, reference: list[tuple]) -> None:
+    assert outputs(address, requests()) == reference
+    with InferenceClient(address) as client:
+        info = client.model_info()
+    assert (info.attention_ranks, info.expert_ranks, info.max_model_len) == (1, 2, 256)
+
+
+def test_two_model_instances_serve_concurrent_requests(address: str, reference: list[tuple]) -> None:
+    many = requests() * 4
+    assert outputs(address, many) == reference * 4
+    attention = rank_actors("attention")
+    assert len(attention) == 2
+    steps = [ray.get(a.stats.remote(), timeout=30)["steps"] for a in attention.values()]
+    assert all(s > 0 for s in steps), steps
+
+
+def test_bad_input_is_invalid_argument(address: str) -> None:
+    with InferenceClient(address) as client, pytest.raises(grpc.RpcError) as info:
+        client.generate(build_request(None, [5], max_tokens=2, top_p=1.5))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.top_p" in info.value.details()
+
+
+def test_a_killed_expert_actor_ends_the_stream_unavailable_and_the_instance_recovers(
+    address: str, reference: list[tuple]
+) -> None:
+    with InferenceClient(address) as client:
+        call = client.stream(build_request(None, list(range(2, 30)), max_tokens=220, ignore_eos=True))
+        next(call)
+        busy = [n for n, a in rank_actors("attention").items() if ray.get(a.stats.remote())["requests"]]
+        assert len(busy) == 1
+        instance = busy[0].rsplit("-attention-", 1)[0]
+        victim = next(a for n, a in rank_actors("expert").items() if n.startswith(instance + "-"))
+        errors: list[grpc.RpcError] = []
+
+        def drain() -> None:
+            try:
+                for _ in call:
+                    pass
+            except grpc.RpcError as e:
+                errors.append(e)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        ray.kill(victim, no_restart=True)
+        reader.join(TIMEOUT_S + 20)
+        assert not reader.is_alive(), "the stream hung"
+        assert errors and errors[0].code() == grpc.StatusCode.UNAVAILABLE, errors
+        deadline = time.monotonic() + 60
+        while True:  # the instance rebuilds its ranks; every instance serves correctly again
+            try:
+                assert outputs(address, requests() * 2) == reference * 2
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "no recovery within 60 s"
+                time.sleep(1)
+        assert len(rank_actors("attention")) == 2 and len(rank_actors("expert")) == 4
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"replicas": 0}, "replicas"),
+        ({"engine": {"block_size": 0}}, "engine.block_size"),
+        ({"expert_ranks": 2, "placement": [[0, 1], [1]]}, "placement"),
+        ({"colective_timeout_s": 3}, "colective_timeout_s"),
+    ],
+)
+def test_an_invalid_config_is_rejected_naming_the_field(
+    serving_checkpoint: Path, changes: dict[str, Any], field: str
+) -> None:
+    from moeserve.workers.serve_app import build_app
+
+    with pytest.raises(ServeConfigError, match=f"^{field}:"):
+        build_app(app_config(serving_checkpoint, **changes))

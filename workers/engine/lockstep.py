@@ -1,0 +1,97 @@
+"""The serving loops of an expert-parallel model instance: every rank steps in lockstep.
+
+`LockstepLoop` is `EngineLoop` for an attention rank: the same inbox, aborts, deadlines and
+failure handling, but each iteration starts with `EPWorld.serving_control`, which every rank of
+the world joins. When no attention rank has work, every rank idles a few milliseconds and loops;
+when any has work, every attention rank steps (one with nothing scheduled runs the model over an
+empty batch, which still joins every MoE collective) and the expert ranks serve each MoE layer
+once (`serve_experts`); when any rank asks to stop, all leave in the same iteration.
+This module knows nothing about processes, Ray or gRPC; the world and the runner are passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from moeserve.workers.engine.core import Engine
+from moeserve.workers.engine.loop import EngineLoop
+from moeserve.workers.ep_dispatch import ExpertServer
+from moeserve.workers.ep_world import EPWorld
+
+log = logging.getLogger(__name__)
+IDLE_S = 0.005  # how long every rank sleeps when no attention rank has work
+
+
+class LockstepLoop(EngineLoop):
+    """An attention rank's engine loop; `engine.runner` must route its MoE layers through `world`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        world: EPWorld,
+        on_failure: Callable[[BaseException], None] | None = None,
+        idle_s: float = IDLE_S,
+    ):
+        super().__init__(engine, on_failure)
+        self.world = world
+        self.idle_s = idle_s
+        self.steps = 0  # steps this rank took part in, empty ones included
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                inbox, aborts, stopping = self._drain_inbox()
+                for request in inbox:
+                    engine.add(request)
+                for key, cause in aborts:
+                    engine.abort(key, cause)
+                engine.expire(time.monotonic())
+                go, stop = self.world.serving_control(engine.has_work, stopping)
+                if stop:
+                    engine.abort_all("stopping")
+                    self.mark_stopping()
+                    return
+                if not go:
+                    self.idle(self.idle_s)
+                    continue
+                plan = engine.scheduler.schedule() if engine.has_work else None
+                self.count_waiting()
+                self.steps += 1
+                if plan is not None and plan.chunks:
+                    engine.execute(plan)
+                else:  # nothing of ours to run: join the step's collectives with an empty batch
+                    engine.runner.step([])
+        except BaseException as e:  # noqa: BLE001 - every failure must reach the requests and the health check
+            log.exception("%s: lockstep step failed", self.world.name)
+            with self._cond:
+                self.failure = e
+            for request in self._drain_inbox()[0]:
+                engine.add(request)
+            try:
+                engine.abort_all("failed", repr(e))
+            finally:
+                if self.on_failure is not None:
+                    self.on_failure(e)
+
+
+def serve_experts(server: ExpertServer, stop: threading.Event | None = None, idle_s: float = IDLE_S) -> int:
+    """An expert rank's serving loop, the counterpart of `LockstepLoop`; returns the steps served.
+
+    Setting `stop` makes this rank ask the world to stop at the next iteration."""
+    world, steps = server.world, 0
+    while True:
+        go, halt = world.serving_control(False, stop is not None and stop.is_set())
+        if halt:
+            server.drain()
+            return steps
+        if not go:
+            time.sleep(idle_s)
+            continue
+        for layer in sorted(server.experts_by_layer):
+            server.serve_layer(layer)
+        server.drain()
+        steps += 1

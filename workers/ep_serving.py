@@ -1,0 +1,134 @@
+"""The serving program of one rank of an expert-parallel model instance, whoever hosts it.
+
+`ServingRankSpec` is what every rank of one instance gets. `AttentionRank` joins the world, loads
+the attention side, and runs an `Engine` over a `LocalModelRunner` whose routed experts are the
+`AllToAllExecutor`, driven by a `LockstepLoop`; its `submit`/`abort` take the front end's request
+keys and its outputs go to one callback as `(key, RequestOutput)`. `run_expert_rank` joins the
+world, loads this rank's experts and serves until the world stops. Local processes
+(`server.ep_frontend`) and Ray actors (`serve_ranks`) wrap these; this module starts nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moeserve.workers.config import ModelConfig
+from moeserve.workers.engine.core import Engine
+from moeserve.workers.engine.lockstep import LockstepLoop, serve_experts
+from moeserve.workers.engine.request import RequestOutput, SamplingParams
+from moeserve.workers.engine.runner import LocalModelRunner
+from moeserve.workers.engine.settings import EngineSettings
+from moeserve.workers.ep_dispatch import AllToAllExecutor, ExpertServer
+from moeserve.workers.ep_rank import EPSettings
+from moeserve.workers.ep_world import EPWorld, init_world
+from moeserve.workers.loader import load_attention_side, load_experts
+from moeserve.workers.tokenizer import Tokenizer
+
+# (front-end key, output) from an attention rank's engine thread
+OutputCallback = Callable[[int, RequestOutput], None]
+
+
+@dataclass(frozen=True)
+class ServingRankSpec:
+    """Everything a rank of one serving instance needs; every rank gets the same copy."""
+
+    model_path: Path
+    ep: EPSettings
+    engine: EngineSettings
+    threads: int = 1
+    """torch CPU threads per rank."""
+
+
+def join_world(spec: ServingRankSpec, rank: int, store_host: str, store_port: int) -> EPWorld:
+    torch.set_num_threads(spec.threads)
+    ep = spec.ep
+    return init_world(
+        rank, ep.layout, store_host, store_port, ep.backend, ep.collective_timeout_s, ep.startup_timeout_s
+    )
+
+
+class AttentionRank:
+    """One attention rank's engine behind key-based submit/abort; call `start` once every rank loads."""
+
+    def __init__(self, spec: ServingRankSpec, world: EPWorld, on_output: OutputCallback):
+        config = ModelConfig.from_file(spec.model_path)
+        model = load_attention_side(spec.model_path, spec.ep.dtype, device=world.device)
+        routed = AllToAllExecutor(world, spec.ep.expert_placement(config))
+        self.runner = LocalModelRunner(
+            model, spec.engine.num_blocks, spec.engine.block_size, routed, world.device
+        )
+        tokenizer = Tokenizer.from_model_dir(spec.model_path)
+        self.engine = Engine(self.runner, spec.engine, config.eos_token_ids, tokenizer)
+        self.world = world
+        self.loop = LockstepLoop(self.engine, world)
+        self.on_output = on_output
+        self._keys: dict[int, int] = {}  # front-end key -> engine key
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.world.wait_for_all_ranks()
+        self.loop.start()
+
+    def submit(
+        self,
+        key: int,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        request_id: str,
+        timeout_s: float | None,
+    ) -> None:
+        """Queue a request; any refusal comes back as its one (aborted) output, never raised."""
+
+        def sink(out: RequestOutput) -> None:
+            if out.finished:
+                with self._lock:
+                    self._keys.pop(key, None)
+            self.on_output(key, out)
+
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        try:
+            engine_key = self.loop.submit(prompt_ids, sampling, sink, request_id, deadline)
+        except Exception as e:  # noqa: BLE001 - queue full, stopping or failed: the stream ends
+            refused = RequestOutput(request_id, [], "", "abort", abort_cause="failed", error=str(e))
+            self.on_output(key, refused)
+            return
+        with self._lock:
+            self._keys[key] = engine_key
+
+    def abort(self, key: int) -> None:
+        with self._lock:
+            engine_key = self._keys.get(key)
+        if engine_key is not None:
+            self.loop.abort(engine_key)
+
+    def stats(self) -> dict[str, int]:
+        """Counters read off the engine thread (approximate while it steps)."""
+        return {
+            "kv_blocks_used": self.runner.allocator.num_used,
+            "requests": len(self.engine.requests),
+            "steps": self.loop.steps,
+        }
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.loop.stop(timeout_s)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_expert_rank(spec: ServingRankSpec, world: EPWorld, stop: threading.Event | None = None) -> int:
+    """Load this expert rank's experts, wait for every rank, serve until the world stops."""
+    config = ModelConfig.from_file(spec.model_path)
+    placement = spec.ep.expert_placement(config)
+    ids = placement.ranks[world.layout.expert_index(world.rank)]
+    experts = load_experts(spec.model_path, ids, spec.ep.dtype, device=world.device)
+    world.wait_for_all_ranks()
+    steps = serve_experts(ExpertServer(world, experts, config.num_experts_per_tok), stop)
+    dist.destroy_process_group()
+    return steps

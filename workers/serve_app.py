@@ -1,0 +1,213 @@
+"""The Ray Serve application: `build_app(args)` (import path `moeserve.workers.serve_app:build_app`).
+
+Two deployments: `InferenceIngress` implements the `moeserve.v1.Inference` RPCs for Ray Serve's own
+gRPC proxy (method names are the RPC names; `Generate` is a streaming generator; status codes go
+through Serve's `grpc_context`), validating each request against a weight-less twin of the engine;
+`ModelInstance` has `config.replicas` replicas, each owning one expert-parallel model instance
+(`serve_ranks.ModelInstanceCore`: rank actors in a placement group). Serve's handle spreads requests
+over the instances. This module builds and wires; it holds no model weights itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
+from ray.serve.handle import DeploymentHandle
+
+from moeserve.serve_config import ServeAppConfig, ServeConfigError
+from moeserve.v1 import inference_pb2 as pb
+from moeserve.workers.config import ModelConfig
+from moeserve.workers.engine.request import InvalidRequest, RequestOutput, SamplingParams
+from moeserve.workers.engine.settings import EngineSettings
+from moeserve.workers.ep_rank import EPSettings
+from moeserve.workers.ep_serving import ServingRankSpec
+from moeserve.workers.placement import PlacementError
+from moeserve.workers.serve_ranks import ModelInstanceCore
+from moeserve.workers.server.convert import model_info, to_engine, to_response
+from moeserve.workers.server.ep_frontend import validation_engine
+from moeserve.workers.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+EMBEDDED_MODEL = Path(__file__).parent / "assets" / "default-model"
+_STATUS = {
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "failed": grpc.StatusCode.INTERNAL,
+    "stopping": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def model_path(cfg: ServeAppConfig) -> Path:
+    return Path(cfg.model.path) if cfg.model.path else EMBEDDED_MODEL
+
+
+def rank_spec(cfg: ServeAppConfig) -> ServingRankSpec:
+    """What every rank of every instance gets, from the validated config."""
+    e = cfg.engine
+    engine = EngineSettings(
+        block_size=e.block_size,
+        kv_cache_tokens=e.kv_cache_tokens,
+        max_num_seqs=e.max_running_requests,
+        max_num_batched_tokens=e.max_tokens_per_step,
+        max_waiting=e.max_waiting_requests,
+        max_model_len=cfg.model.max_model_len,
+    )
+    placement = tuple(tuple(r) for r in cfg.placement) if cfg.placement is not None else None
+    ep = EPSettings(
+        cfg.attention_ranks,
+        cfg.expert_ranks,
+        collective_timeout_s=cfg.collective_timeout_s,
+        backend="nccl" if cfg.gpus_per_attention_rank > 0 else "gloo",
+        dtype=getattr(torch, cfg.model.dtype),
+        placement=placement,
+        block_size=e.block_size,
+    )
+    return ServingRankSpec(model_path(cfg), ep, engine)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+class ModelInstance:
+    """One model instance per replica: A attention + E expert rank actors, rebuilt when one dies."""
+
+    async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]
+        cfg = ServeAppConfig.from_dict(config)
+        name = serve.get_replica_context().replica_id.unique_id
+        gpus = (cfg.gpus_per_attention_rank, cfg.gpus_per_expert_rank)
+        self.core = ModelInstanceCore(rank_spec(cfg), name, gpus)
+        await self.core.start()
+
+    async def generate(
+        self, prompt_ids: list[int], sampling: SamplingParams, request_id: str, timeout_s: float | None
+    ) -> AsyncIterator[RequestOutput]:
+        async for out in self.core.generate(prompt_ids, sampling, request_id, timeout_s):
+            yield out
+
+    async def stats(self) -> list[dict[str, int]]:
+        return await self.core.stats()
+
+    def __del__(self) -> None:
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.shutdown()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+class InferenceIngress:
+    """`moeserve.v1.Inference` behind Ray Serve's gRPC proxy."""
+
+    def __init__(self, model: DeploymentHandle, config: dict[str, Any]):
+        cfg = ServeAppConfig.from_dict(config)
+        spec = rank_spec(cfg)
+        self.model = model
+        self.tokenizer = Tokenizer.from_model_dir(spec.model_path)
+        self.engine = validation_engine(spec, self.tokenizer)
+        self.info = model_info(
+            spec.model_path.name,
+            ModelConfig.from_file(spec.model_path),
+            self.engine,
+            cfg.model.dtype,
+            self.tokenizer is not None,
+            cfg.attention_ranks,
+            cfg.expert_ranks,
+        )
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ModelInfo:
+        return self.info
+
+    async def Generate(
+        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            job = to_engine(request, self.engine, self.tokenizer)
+        except InvalidRequest as e:
+            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        stream: Any = self.model.options(stream=True).generate.remote(
+            job.prompt_ids, job.sampling, request.request_id, None
+        )
+        async for out in stream:  # a DeploymentResponseGenerator
+            if out.abort_cause in _STATUS:
+                _fail(grpc_context, _STATUS[out.abort_cause], f"{out.abort_cause}: {out.error}")
+            yield to_response(out)
+
+
+class RPCFailed(RuntimeError):
+    """Ends an RPC; the status code and details are already on the gRPC context."""
+
+
+def _fail(context: RayServegRPCContext, code: grpc.StatusCode, details: str) -> None:
+    context.set_code(code)
+    context.set_details(details)
+    raise RPCFailed(details)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application for `ServeAppConfig` `args`; a bad config raises `ServeConfigError`, starts nothing."""
+    cfg = ServeAppConfig.from_dict(args)
+    if cfg.expert_ranks < 1:
+        raise ServeConfigError(
+            "expert_ranks: the Ray Serve app needs >= 1 expert rank (0 is not supported yet)"
+        )
+    path = model_path(cfg)
+    if not (path / "config.json").exists():
+        raise ServeConfigError(f"model.path: no config.json in {path}")
+    try:  # placement errors before any actor starts
+        rank_spec(cfg).ep.expert_placement(ModelConfig.from_file(path))
+    except PlacementError as e:
+        raise ServeConfigError(f"placement: {e}") from e
+    config = cfg.to_dict()
+    model = ModelInstance.options(num_replicas=cfg.replicas).bind(config)  # type: ignore[attr-defined]
+    return InferenceIngress.bind(model, config)  # type: ignore[attr-defined,no-any-return]
+
+
+class _Stop(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
+def _raise_stop(*_: object) -> None:
+    raise _Stop()
+
+
+def run_with_ray(cfg: ServeAppConfig, ray_address: str | None, host: str = "0.0.0.0") -> None:
+    """`moeserve serve --ray`: start (or join) Ray, run the app behind Serve's gRPC proxy until
+    SIGINT/SIGTERM, then shut Serve and Ray down."""
+    import os
+    import signal
+    import threading
+
+    import ray
+    from ray.serve.config import gRPCOptions
+
+    from moeserve import contract
+
+    app = build_app(cfg.to_dict())  # a bad config fails before Ray starts
+    if ray_address:
+        ray.init(address=ray_address)
+    else:  # logical CPUs: one bundle per rank of every instance, whatever the cores
+        ranks = cfg.replicas * (cfg.attention_ranks + cfg.expert_ranks)
+        ray.init(num_cpus=max(os.cpu_count() or 1, ranks + 1), include_dashboard=False)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(sig, _raise_stop)
+    try:
+        grpc_options = gRPCOptions(
+            port=cfg.ports.grpc, grpc_servicer_functions=list(contract.SERVE_GRPC_SERVICER_FUNCTIONS)
+        )
+        serve.start(http_options={"host": host, "port": 0}, grpc_options=grpc_options)
+        serve.run(app, name="moeserve")
+        print(f"moeserve: serving through Ray Serve's gRPC proxy on :{cfg.ports.grpc}", flush=True)
+        threading.Event().wait()
+    except _Stop:
+        log.info("signal received; shutting down Serve and Ray")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        serve.shutdown()
+        ray.shutdown()

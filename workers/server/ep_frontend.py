@@ -1,0 +1,334 @@
+"""The gRPC process's side of an expert-parallel instance made of local rank processes.
+
+`EPFrontend` starts A attention-rank and E expert-rank processes (`ep_serving` programs, gloo,
+rendezvous through a TCPStore it hosts on 127.0.0.1) and stands in for `EngineLoop` behind the
+servicer: it validates each request against a never-stepped twin of the ranks' engine, sends it to
+the attention rank with the fewest requests in flight, and relays that rank's `RequestOutput`s to
+the request's sink. Aborts go to the rank that holds the request. If any rank dies or fails, every
+stream in flight ends with abort cause "unavailable", the rest of the ranks are killed and
+`alive` turns False (health NOT_SERVING). Ray-hosted instances do not use this module.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moeserve.workers.config import ModelConfig
+from moeserve.workers.engine.core import Engine
+from moeserve.workers.engine.loop import EngineFailed, EngineStopped, QueueFull
+from moeserve.workers.engine.request import AbortCause, RequestOutput, SamplingParams, Sink
+from moeserve.workers.engine.settings import EngineSettings
+from moeserve.workers.ep_rank import EPSettings
+from moeserve.workers.ep_serving import AttentionRank, ServingRankSpec, join_world, run_expert_rank
+from moeserve.workers.kv_cache import BlockAllocator
+from moeserve.workers.server.convert import model_info
+from moeserve.workers.server.metrics import ServingMetrics
+from moeserve.workers.server.servicer import Backend
+from moeserve.workers.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+STORE_HOST = "127.0.0.1"
+
+
+class ShapeRunner:
+    """A `ModelRunner` that only describes the model, so the front end can validate requests."""
+
+    def __init__(self, config: ModelConfig, settings: EngineSettings):
+        self.block_size = settings.block_size
+        self.allocator = BlockAllocator(settings.num_blocks)
+        self.vocab_size = config.vocab_size
+        self.max_positions = config.max_position_embeddings
+
+    def step(self, steps: list[Any]) -> torch.Tensor:
+        raise RuntimeError("the front end's engine twin never steps")
+
+
+def validation_engine(spec: ServingRankSpec, tokenizer: Tokenizer | None) -> Engine:
+    """An engine with the ranks' limits and vocabulary that is only used to check requests."""
+    config = ModelConfig.from_file(spec.model_path)
+    return Engine(ShapeRunner(config, spec.engine), spec.engine, config.eos_token_ids, tokenizer)
+
+
+def _rank_main(rank: int, spec: ServingRankSpec, store_port: int, inbox: Any, outbox: Any) -> None:
+    """Process entry of one rank; reports ("ready"|"out"|"stopped"|"error", rank, payload)."""
+    name = spec.ep.layout.describe(rank)
+    try:
+        world = join_world(spec, rank, STORE_HOST, store_port)
+        if world.role == "expert":
+            run_expert_rank(spec, world)
+            outbox.put(("stopped", rank, None))
+            return
+        ranker = AttentionRank(spec, world, lambda key, out: outbox.put(("out", rank, (key, out))))
+        ranker.start()
+        outbox.put(("ready", rank, None))
+        while True:
+            try:
+                message = inbox.get(timeout=0.2)
+            except queue.Empty:
+                if ranker.loop.failure is not None:
+                    raise ranker.loop.failure from None
+                if not ranker.loop.alive:  # another rank stopped the world
+                    message = ("stop",)
+                else:
+                    continue
+            if message[0] == "submit":
+                ranker.submit(*message[1:])
+            elif message[0] == "abort":
+                ranker.abort(message[1])
+            elif message[0] == "stats":
+                outbox.put(("stats", rank, ranker.stats()))
+            else:
+                ranker.stop()
+                outbox.put(("stopped", rank, None))
+                return
+    except BaseException as e:  # noqa: BLE001 - every failure is reported, then the process ends
+        outbox.put(("error", rank, f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+        outbox.close()
+        outbox.join_thread()
+        os._exit(1)
+
+
+class EPFrontend:
+    """A + E local rank processes behind the `EngineLoop` interface the servicer uses."""
+
+    def __init__(
+        self,
+        spec: ServingRankSpec,
+        tokenizer: Tokenizer | None,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ):
+        self.spec = spec
+        self.layout = spec.ep.layout
+        self.engine = validation_engine(spec, tokenizer)
+        self.on_failure = on_failure
+        self.failure: BaseException | None = None
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._keys = iter(range(1 << 62))
+        self._sinks: dict[int, tuple[int, Sink]] = {}  # key -> (attention rank, sink)
+        self._load = [0] * self.layout.attention_ranks  # requests in flight per attention rank
+        self._ready: set[int] = set()
+        self._stats: dict[int, dict[str, int]] = {}
+        self.procs: list[Any] = []
+
+    # lifecycle
+    def start(self) -> EPFrontend:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "moeserve.workers.ep_serving"])
+        timeout = datetime.timedelta(seconds=self.spec.ep.startup_timeout_s)
+        self._store = dist.TCPStore(STORE_HOST, 0, is_master=True, wait_for_workers=False, timeout=timeout)
+        self._outbox = ctx.Queue()
+        self._inboxes = [ctx.Queue() for _ in range(self.layout.attention_ranks)]
+        for rank in range(self.layout.size):
+            inbox = self._inboxes[rank] if rank < self.layout.attention_ranks else None
+            proc = ctx.Process(
+                target=_rank_main,
+                args=(rank, self.spec, self._store.port, inbox, self._outbox),
+                name=f"moeserve-{self.layout.role(rank)}-{rank}",
+                daemon=True,
+            )
+            proc.start()
+            self.procs.append(proc)
+        self._pump_thread = threading.Thread(target=self._pump, name="moeserve-ep-frontend", daemon=True)
+        self._pump_thread.start()
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self._ready) < self.layout.attention_ranks:
+            if self.failure is not None:
+                raise EngineFailed(f"a rank failed while loading: {self.failure}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks not ready after {timeout_s:g} s")
+            time.sleep(0.05)
+
+    def rank_stats(self, timeout_s: float = 10.0) -> list[dict[str, int]]:
+        """Fresh counters of every attention rank (`AttentionRank.stats`)."""
+        self._stats.clear()
+        for inbox in self._inboxes:
+            inbox.put(("stats",))
+        deadline = time.monotonic() + timeout_s
+        while len(self._stats) < self.layout.attention_ranks:
+            if time.monotonic() > deadline or self.failure is not None:
+                raise TimeoutError("attention ranks did not report their counters")
+            time.sleep(0.01)
+        return [self._stats[r] for r in range(self.layout.attention_ranks)]
+
+    def pid(self, rank: int) -> int:
+        return int(self.procs[rank].pid)
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        with self._lock:
+            already = self._stopping
+            self._stopping = True
+        if not already and self.failure is None:
+            for inbox in self._inboxes:
+                inbox.put(("stop",))
+        end = time.monotonic() + (timeout or 10.0)
+        for proc in self.procs:
+            proc.join(max(0.0, end - time.monotonic()))
+        self._kill_all()
+        self._end_all("stopping", "server is stopping")
+
+    # the EngineLoop interface
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def num_waiting(self) -> int:
+        seqs = self.spec.engine.max_num_seqs
+        return sum(max(0, n - seqs) for n in self._load)
+
+    @property
+    def alive(self) -> bool:
+        return self.failure is None and not self._stopping and len(self._ready) == self.layout.attention_ranks
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        sink: Sink,
+        request_id: str = "",
+        deadline: float | None = None,
+    ) -> int:
+        self.engine.check(prompt_ids, sampling)
+        with self._lock:
+            if self.failure is not None:
+                raise EngineFailed(f"an expert-parallel rank failed: {self.failure}")
+            if self._stopping:
+                raise EngineStopped("engine is stopping")
+            rank = min(range(len(self._load)), key=lambda r: self._load[r])
+            limit = self.spec.engine.max_num_seqs + self.spec.engine.max_waiting
+            if self._load[rank] >= limit:
+                raise QueueFull(f"every attention rank has {limit} requests")
+            key = next(self._keys)
+            self._sinks[key] = (rank, sink)
+            self._load[rank] += 1
+        timeout_s = deadline - time.monotonic() if deadline is not None else None
+        message = ("submit", key, list(prompt_ids), sampling, request_id or f"req-{key}", timeout_s)
+        self._inboxes[rank].put(message)
+        return key
+
+    def abort(self, key: int, cause: AbortCause = "cancelled") -> None:
+        with self._lock:
+            held = self._sinks.get(key)
+        if held is not None and self.failure is None and not self._stopping:
+            self._inboxes[held[0]].put(("abort", key))
+
+    # relaying
+    def _pump(self) -> None:
+        while True:
+            try:
+                kind, rank, payload = self._outbox.get(timeout=0.05)
+            except queue.Empty:
+                kind, rank, payload = "", -1, None
+            except (EOFError, OSError):
+                return
+            if kind == "out":
+                self._deliver(*payload)
+            elif kind == "ready":
+                self._ready.add(rank)
+            elif kind == "stats":
+                self._stats[rank] = payload
+            elif kind == "error" and not self._stopping:
+                self._fail(self._root_cause(rank, payload))
+            if self._stopping and not any(p.is_alive() for p in self.procs):
+                return
+            if not self._stopping and self.failure is None:
+                for r, proc in enumerate(self.procs):
+                    if proc.exitcode is not None:
+                        self._fail(f"{self.layout.describe(r)} exited with code {proc.exitcode}")
+                        break
+            if self.failure is not None:
+                return
+
+    def _root_cause(self, rank: int, message: str, grace_s: float = 0.3) -> str:
+        """A rank's error, led by the death of another rank if one died: that is the likelier cause."""
+        end = time.monotonic() + grace_s
+        while True:
+            dead = [r for r, p in enumerate(self.procs) if r != rank and p.exitcode is not None]
+            if dead:
+                who = self.layout.describe(dead[0])
+                return f"{who} exited with code {self.procs[dead[0]].exitcode}; then {message}"
+            if time.monotonic() > end:
+                return message
+            time.sleep(0.02)
+
+    def _deliver(self, key: int, out: RequestOutput) -> None:
+        with self._lock:
+            held = self._sinks.get(key)
+            if held is not None and out.finished:
+                del self._sinks[key]
+                self._load[held[0]] -= 1
+        if held is not None:
+            held[1](out)
+
+    def _fail(self, message: str) -> None:
+        log.error("expert-parallel instance failed: %s", message)
+        with self._lock:
+            if self.failure is not None:
+                return
+            self.failure = RuntimeError(message)
+        self._kill_all()
+        self._end_all("unavailable", f"model instance lost a rank: {message}")
+        if self.on_failure is not None:
+            self.on_failure(self.failure)
+
+    def _kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in self.procs:
+            proc.join(5.0)
+
+    def _end_all(self, cause: AbortCause, error: str) -> None:
+        with self._lock:
+            pending, self._sinks = self._sinks, {}
+            self._load = [0] * self.layout.attention_ranks
+        for _, sink in pending.values():
+            sink(RequestOutput("", [], "", "abort", abort_cause=cause, error=error))
+
+
+def ep_loader(
+    model_path: Path, dtype: torch.dtype, settings: EngineSettings, ep: EPSettings
+) -> Callable[[ServingMetrics, Callable[[BaseException], None]], Backend]:
+    """Start an expert-parallel instance of local processes; the front end is the backend's loop."""
+
+    def load(metrics: ServingMetrics, on_failure: Callable[[BaseException], None]) -> Backend:
+        spec = ServingRankSpec(Path(model_path), replace(ep, dtype=dtype), settings)
+        ep.expert_placement(ModelConfig.from_file(model_path))  # PlacementError before any process
+        tokenizer = Tokenizer.from_model_dir(model_path)
+        frontend = EPFrontend(spec, tokenizer, on_failure).start()
+        try:
+            frontend.wait_ready(ep.startup_timeout_s)
+        except BaseException:
+            frontend.stop(1.0)
+            raise
+        config = ModelConfig.from_file(model_path)
+        dtype_name = str(dtype).removeprefix("torch.")
+        info = model_info(
+            Path(model_path).name,
+            config,
+            frontend.engine,
+            dtype_name,
+            tokenizer is not None,
+            ep.attention_ranks,
+            ep.expert_ranks,
+        )
+        return Backend(frontend, tokenizer, info)
+
+    return load
