@@ -151,11 +151,7 @@ def _fail(context: RayServegRPCContext, code: grpc.StatusCode, details: str) -> 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The application for `ServeAppConfig` `args`; a bad config raises `ServeConfigError`, starts nothing."""
-    cfg = ServeAppConfig.from_dict(args)
-    if cfg.expert_ranks < 1:
-        raise ServeConfigError(
-            "expert_ranks: the Ray Serve app needs >= 1 expert rank (0 is not supported yet)"
-        )
+    cfg = ServeAppConfig.from_dict(args)  # also insists on >= 1 expert rank
     path = model_path(cfg)
     if not (path / "config.json").exists():
         raise ServeConfigError(f"model.path: no config.json in {path}")

@@ -58,8 +58,8 @@ class ServeAppConfig:
     """Model instances (Serve replicas), each one torch.distributed world."""
     attention_ranks: int = 1
     """Data-parallel attention ranks per instance."""
-    expert_ranks: int = 0
-    """Expert ranks per instance; 0 runs the routed experts on the attention ranks."""
+    expert_ranks: int = 1
+    """Expert ranks per instance (the routed experts live there; at least one)."""
     placement: list[list[int]] | None = None
     """Routed expert ids hosted by each expert rank; None = contiguous (group-aligned)."""
     gpus_per_attention_rank: float = 0.0
@@ -85,7 +85,7 @@ class ServeAppConfig:
     def validate(self) -> None:
         _check(self.replicas >= 1, "replicas", "must be >= 1")
         _check(self.attention_ranks >= 1, "attention_ranks", "must be >= 1")
-        _check(self.expert_ranks >= 0, "expert_ranks", "must be >= 0")
+        _check(self.expert_ranks >= 1, "expert_ranks", "must be >= 1 (routed experts live on expert ranks)")
         _check(self.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}")
         _check(
             self.model.max_model_len is None or self.model.max_model_len >= 1,
@@ -104,7 +104,6 @@ class ServeAppConfig:
             _check(1 <= port <= 65535, f"ports.{name}", f"{port} is not a valid port")
         _check(self.ports.grpc != self.ports.metrics, "ports.metrics", "must differ from ports.grpc")
         if self.placement is not None:
-            _check(self.expert_ranks > 0, "placement", "given but expert_ranks is 0")
             _check(
                 len(self.placement) == self.expert_ranks,
                 "placement",

@@ -263,9 +263,9 @@ IMAGE_MIN = "registry.invalid/x:1"
 def test_a_minimal_spec_gets_the_defaults() -> None:
     spec = MoEServiceSpec.from_dict({"image": IMAGE_MIN, "model": {"path": "/m"}})
     cfg = serve_app_config(spec)
-    assert (cfg.replicas, cfg.attention_ranks, cfg.expert_ranks, cfg.placement) == (1, 1, 0, None)
+    assert (cfg.replicas, cfg.attention_ranks, cfg.expert_ranks, cfg.placement) == (1, 1, 1, None)
     assert (cfg.ports.grpc, cfg.ports.metrics, cfg.engine) == (9000, 8080, EngineLimits())
-    assert cfg.gpus_per_attention_rank == 1.0 and cfg.gpus_per_expert_rank == 0.0  # no expert ranks
+    assert cfg.gpus_per_attention_rank == 1.0 and cfg.gpus_per_expert_rank == 1.0
     assert spec.scheduling.policy == "Spread" and spec.scheduling.topology_key == "kubernetes.io/hostname"
 
 
@@ -324,7 +324,7 @@ def test_crd_defaults_equal_the_spec_readers_and_serve_app_configs() -> None:
     plain = ServeAppConfig().to_dict()
     differs = {k for k in plain if from_crd[k] != plain[k]}
     # Only what a MoEService must say, or where a pod-based deployment needs another default.
-    assert differs == {"model", "gpus_per_attention_rank"}, differs
+    assert differs == {"model", "gpus_per_attention_rank", "gpus_per_expert_rank"}, differs
 
 
 def test_crd_engine_fields_are_exactly_the_engine_limits() -> None:

@@ -39,7 +39,7 @@ def test_full_config() -> None:
     [
         ({"replicas": 0}, "replicas"),
         ({"attention_ranks": 0}, "attention_ranks"),
-        ({"expert_ranks": -1}, "expert_ranks"),
+        ({"expert_ranks": 0}, "expert_ranks"),
         ({"replicas": "2"}, "replicas"),
         ({"model": {"dtype": "int8"}}, "model.dtype"),
         ({"model": {"nonsense": 1}}, "model.nonsense"),
@@ -49,7 +49,7 @@ def test_full_config() -> None:
         ({"ports": {"grpc": 9000, "metrics": 9000}}, "ports.metrics"),
         ({"expert_ranks": 2, "placement": [[0, 1]]}, "placement"),
         ({"expert_ranks": 2, "placement": [[0, 1], [1]]}, "placement"),
-        ({"placement": [[0]]}, "placement"),
+        ({"expert_ranks": 2, "placement": [[0], []]}, "placement"),
         ({"extra": True}, "extra"),
         ({"engine": 3}, "engine"),
     ],
