@@ -308,7 +308,11 @@ def test_chart_installs_the_crd_and_an_operator_with_least_privilege(
             "spec.attention.ranks in body should be greater than or equal to 1",
         ),
         ("demo", {"replicas": -1}, "spec.replicas in body should be greater than or equal to 0"),
-        ("demo", {"experts": {"ranks": 0}}, "spec.experts.ranks in body should be greater than or equal to 1"),
+        (
+            "demo",
+            {"experts": {"ranks": 0}},
+            "spec.experts.ranks in body should be greater than or equal to 1",
+        ),
         (
             "demo",
             {"experts": {"gpusPerRank": -1}},
