@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from moeserve.workers.cli import default_model_path
 from moeserve.workers.config import ModelConfig
@@ -34,10 +35,24 @@ def test_tokenizer_round_trips_multibyte_text() -> None:
     assert tok.decode(tok.encode(text)) == text
 
 
-def python_score(text: str) -> int:
-    """How many Python landmarks a continuation shows."""
-    marks = ("def ", "return", "self", "import ", "if ", "for ", "in ", "(", ")", ":", "    ", "=", "#", ".")
-    return sum(m in text for m in marks)
+KEYWORDS = ("def ", "return", "class ", "import ", "self", '"""', "#", "if ", "for ", " = ")
+
+
+def looks_like_python(text: str) -> list[str]:
+    """What is un-Pythonic about a continuation (empty when nothing is)."""
+    problems = []
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not text.isascii():
+        problems.append("non-ASCII text")
+    if len(lines) < 3:
+        problems.append(f"only {len(lines)} non-empty lines")
+    indents = [len(line) - len(line.lstrip(" ")) for line in lines[1:]]  # the first continues a line
+    if indents and sum(i % 4 == 0 for i in indents) < 0.8 * len(indents):
+        problems.append(f"indentation not in steps of 4: {indents}")
+    found = [k for k in KEYWORDS if k in text]
+    if len(found) < 2:
+        problems.append(f"Python landmarks found: {found}")
+    return problems
 
 
 def test_greedy_continuation_of_python_looks_like_python() -> None:
@@ -49,10 +64,19 @@ def test_greedy_continuation_of_python_looks_like_python() -> None:
         "class Parser:\n    def __init__(self, text):\n        ",
     ]
     outputs = generate(model, [tok.encode(p) for p in prompts], GenerationSettings(max_tokens=48))
+    # each continuation has Python's shape; between them, Python's words (a docstring is Python too)
     texts = [tok.decode(ids) for ids in outputs]
+    assert not looks_like_python("\n".join(texts)), texts
     for text in texts:
-        assert text.isascii() and text.strip(), text
-        assert python_score(text) >= 4, text
+        shape = [p for p in looks_like_python(text) if not p.startswith("Python landmarks")]
+        assert not shape, (text, shape)
+
+
+def test_the_python_check_rejects_random_tokens() -> None:
+    tok = Tokenizer.from_model_dir(PATH)
+    assert tok is not None
+    ids = torch.randint(2, tok.vocab_size, (48,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert looks_like_python(tok.decode(ids))
 
 
 HELD_OUT = '''def moving_average(values, window):
@@ -73,8 +97,6 @@ HELD_OUT = '''def moving_average(values, window):
 
 def test_model_predicts_unseen_python_far_better_than_chance() -> None:
     import math
-
-    import torch
 
     from moeserve.workers.batch import ForwardBatch, SequenceStep
     from moeserve.workers.generate import make_cache
