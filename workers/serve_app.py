@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
@@ -35,6 +36,7 @@ from moeserve.workers.server.ep_frontend import validation_engine
 from moeserve.workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+HEALTH_SERVICE = "moeserve.v1.Inference"
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "default-model"
 _STATUS = {
     "unavailable": grpc.StatusCode.UNAVAILABLE,
@@ -92,6 +94,10 @@ class ModelInstance:
     async def stats(self) -> list[dict[str, int]]:
         return await self.core.stats()
 
+    async def healthy(self) -> bool:
+        """False while this instance starts or rebuilds its ranks."""
+        return self.core.ready.is_set()
+
     def __del__(self) -> None:
         core = getattr(self, "core", None)
         if core is not None:
@@ -122,6 +128,19 @@ class InferenceIngress:
         self, request: pb.GetModelInfoRequest, grpc_context: RayServegRPCContext
     ) -> pb.ModelInfo:
         return self.info
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+    ) -> health_pb2.HealthCheckResponse:
+        """grpc.health.v1.Health/Check: SERVING once the model instance asked is ready, NOT_SERVING
+        while it starts or rebuilds its ranks (Serve picks the instance, as it does for requests)."""
+        if request.service not in ("", HEALTH_SERVICE):
+            _fail(grpc_context, grpc.StatusCode.NOT_FOUND, f"service: unknown service {request.service!r}")
+        serving = await self.model.healthy.remote()
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def Generate(
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext

@@ -61,7 +61,10 @@ RAY_RESOURCE_EXPERT: Final = "moeserve_expert"
 # The Serve application
 SERVE_APP_NAME: Final = "moeserve"
 SERVE_APP_IMPORT_PATH: Final = "moeserve.workers.serve_app:build_app"
-SERVE_GRPC_SERVICER_FUNCTIONS: Final = ("moeserve.v1.inference_pb2_grpc.add_InferenceServicer_to_server",)
+SERVE_GRPC_SERVICER_FUNCTIONS: Final = (
+    "moeserve.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",  # grpc.health.v1.Health/Check
+)
 SERVE_CONFIG_KEY: Final = "serve-app-config.json"  # ConfigMap key: the ServeAppConfig (the app's args)
 SERVE_DEPLOY_KEY: Final = "serve-deploy.json"  # ConfigMap key: the body of PUT /api/serve/applications/
 SERVE_CONFIG_DIR: Final = "/etc/moeserve"  # where the head pod mounts that ConfigMap

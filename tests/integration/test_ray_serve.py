@@ -148,6 +148,26 @@ def test_two_model_instances_serve_concurrent_requests(address: str, reference: 
     assert all(s > 0 for s in steps), steps
 
 
+def health(address: str, service: str = "") -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=30
+        )
+    return int(reply.status)
+
+
+def test_health_through_serve(address: str) -> None:
+    from grpc_health.v1 import health_pb2
+
+    assert {health(address) for _ in range(6)} == {health_pb2.HealthCheckResponse.SERVING}
+    assert health(address, "moeserve.v1.Inference") == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        health(address, "no.such.Service")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_bad_input_is_invalid_argument(address: str) -> None:
     with InferenceClient(address) as client, pytest.raises(grpc.RpcError) as info:
         client.generate(build_request(None, [5], max_tokens=2, top_p=1.5))
@@ -173,8 +193,21 @@ def test_a_killed_expert_actor_ends_the_stream_unavailable_and_the_instance_reco
             except grpc.RpcError as e:
                 errors.append(e)
 
+        statuses: list[int] = []
+        watching = threading.Event()
+
+        def watch_health() -> None:  # Serve sends each check to one of the two instances
+            while not watching.is_set():
+                try:
+                    statuses.append(health(address))
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+
         reader = threading.Thread(target=drain)
+        watcher = threading.Thread(target=watch_health)
         reader.start()
+        watcher.start()
         ray.kill(victim, no_restart=True)
         reader.join(TIMEOUT_S + 20)
         assert not reader.is_alive(), "the stream hung"
@@ -187,7 +220,13 @@ def test_a_killed_expert_actor_ends_the_stream_unavailable_and_the_instance_reco
             except grpc.RpcError:
                 assert time.monotonic() < deadline, "no recovery within 60 s"
                 time.sleep(1)
+        watching.set()
+        watcher.join(60)
         assert len(rank_actors("attention")) == 2 and len(rank_actors("expert")) == 4
+        from grpc_health.v1 import health_pb2
+
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses, "health never said NOT_SERVING"
+        assert {health(address) for _ in range(6)} == {health_pb2.HealthCheckResponse.SERVING}
 
 
 @pytest.mark.parametrize(

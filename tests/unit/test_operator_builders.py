@@ -68,7 +68,8 @@ def test_deploy_document_is_accepted_by_ray_serve_and_carries_the_app_config() -
     parsed = ServeDeploySchema.model_validate(document)
     assert parsed.grpc_options.port == 9100
     assert parsed.grpc_options.grpc_servicer_functions == [
-        "moeserve.v1.inference_pb2_grpc.add_InferenceServicer_to_server"
+        "moeserve.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
+        "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
     ]
     (app,) = parsed.applications
     assert app.route_prefix is None and app.import_path == "moeserve.workers.serve_app:build_app"
