@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moeserve.workers import ep_cli, serve_cli
+from moeserve.workers.cli_args import non_negative_float, positive_int, token_ids
 
 if TYPE_CHECKING:
     from moeserve.workers.tokenizer import Tokenizer
@@ -27,36 +28,6 @@ def default_model_path() -> Path:
     return Path(__file__).parent / "assets" / "default-model"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _token_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not ids or any(i < 0 for i in ids):
-        raise argparse.ArgumentTypeError(f"expected non-negative token ids, got {text!r}")
-    return ids
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
     gen.add_argument(
-        "--prompt-ids", action="append", type=_token_ids, default=[], help="e.g. 1,2,3; repeatable"
+        "--prompt-ids", action="append", type=token_ids, default=[], help="e.g. 1,2,3; repeatable"
     )
-    gen.add_argument("--max-tokens", type=_positive_int, default=32)
-    gen.add_argument("--temperature", type=_non_negative_float, default=0.0)
+    gen.add_argument("--max-tokens", type=positive_int, default=32)
+    gen.add_argument("--temperature", type=non_negative_float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")

@@ -14,41 +14,16 @@ from pathlib import Path
 
 import torch
 
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+from moeserve.workers.cli_args import non_negative_int, positive_float, positive_int
 
 
 def add_arguments(gen: argparse.ArgumentParser) -> None:
     ep = gen.add_argument_group("expert parallelism (local processes, gloo)")
-    ep.add_argument("--attention-ranks", type=_positive_int, default=1, help="A; prompts go round robin")
-    ep.add_argument("--expert-ranks", type=_non_negative_int, default=0, help="E; 0 = single process")
+    ep.add_argument("--attention-ranks", type=positive_int, default=1, help="A; prompts go round robin")
+    ep.add_argument("--expert-ranks", type=non_negative_int, default=0, help="E; 0 = single process")
     ep.add_argument("--ping-pong", action="store_true", help="decode in two interleaved micro-batches")
     ep.add_argument(
-        "--collective-timeout", type=_positive_float, default=60.0, help="seconds before a stuck rank fails"
+        "--collective-timeout", type=positive_float, default=60.0, help="seconds before a stuck rank fails"
     )
     ep.add_argument("--expert-map", default=None, help="experts per expert rank, e.g. '0-7;8-15'")
 

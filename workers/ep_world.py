@@ -184,32 +184,27 @@ class EPWorld:
 
     def step_control(self, active: bool, micro_batches: int) -> tuple[bool, int]:
         """Every rank, every step: (does any attention rank still have work, micro-batches this step)."""
-        flags = torch.tensor([int(active), micro_batches], dtype=torch.long, device=self.device)  # [2]
-        what = "step control"
-        try:
-            work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        except RuntimeError as e:
-            raise self._error(what, e) from e
-        assert work is not None
-        self.wait([work], what)  # [2] MAX over all ranks
-        go, n = flags.tolist()
-        return bool(go), int(n)
+        go, n = self._max_over_ranks([int(active), micro_batches], "step control")
+        return bool(go), n
 
     def serving_control(self, has_work: bool, stop: bool) -> tuple[bool, bool]:
         """Every rank, every serving iteration: (does any attention rank have work, does any rank stop).
 
         The serving variant of `step_control`: one micro-batch per step, and a stop flag so that every
         rank leaves the lockstep in the same iteration."""
-        flags = torch.tensor([int(has_work), int(stop)], dtype=torch.long, device=self.device)  # [2]
-        what = "serving control"
+        go, halt = self._max_over_ranks([int(has_work), int(stop)], "serving control")
+        return bool(go), bool(halt)
+
+    def _max_over_ranks(self, values: list[int], what: str) -> list[int]:
+        """Element-wise MAX of `values` over every rank of the world (all of them must call it)."""
+        flags = torch.tensor(values, dtype=torch.long, device=self.device)  # [n]
         try:
             work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         except RuntimeError as e:
             raise self._error(what, e) from e
         assert work is not None
-        self.wait([work], what)  # [2] MAX over all ranks
-        go, halt = flags.tolist()
-        return bool(go), bool(halt)
+        self.wait([work], what)  # [n] MAX over all ranks
+        return [int(v) for v in flags.tolist()]
 
     def _watch(self, what: str, timeout_s: float) -> AbstractContextManager[None]:
         return self.watchdog.watch(f"{self.name}: {what}", timeout_s) if self.watchdog else _nothing()

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moeserve.workers.cli_args import positive_float, positive_int
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedModel
@@ -64,47 +66,25 @@ class Corpus:
 # ----------------------------------------------------------------------------------------- arguments
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m moeserve.workers.train_default_model",
         description="Train the tiny DeepSeek-V2-architecture default model on the Python stdlib source.",
     )
     p.add_argument("--out", required=True, type=Path, help="output directory (created if absent)")
-    p.add_argument("--steps", type=_positive_int, default=2800, help="optimizer steps (default 2800)")
+    p.add_argument("--steps", type=positive_int, default=2800, help="optimizer steps (default 2800)")
     p.add_argument("--seed", type=int, default=0, help="seed for corpus split, init and batches (default 0)")
-    p.add_argument("--threads", type=_positive_int, default=1, help="torch/tokenizer CPU threads (default 1)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per step (default 4)")
-    p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence (default 512)")
-    p.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate (default 2e-3)")
-    p.add_argument("--vocab-size", type=_positive_int, default=2048, help="BPE vocabulary (default 2048)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch/tokenizer CPU threads (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--vocab-size", type=positive_int, default=2048, help="BPE vocabulary (default 2048)")
     p.add_argument(
-        "--corpus-mb", type=_positive_float, default=8.0, help="training text cap in MB (default 8)"
+        "--corpus-mb", type=positive_float, default=8.0, help="training text cap in MB (default 8)"
     )
+    p.add_argument("--log-every", type=positive_int, default=25, help="print loss every N steps (default 25)")
     p.add_argument(
-        "--log-every", type=_positive_int, default=25, help="print loss every N steps (default 25)"
-    )
-    p.add_argument(
-        "--eval-every", type=_positive_int, default=250, help="validate every N steps (default 250)"
+        "--eval-every", type=positive_int, default=250, help="validate every N steps (default 250)"
     )
     p.add_argument(
         "--precision",
