@@ -36,6 +36,12 @@ class ForwardBatch:
     decode_block_tables: torch.Tensor  # [B, nb_max] int64, padded with block 0
     decode_context: torch.Tensor  # [B] context length including the new token
     prefill_seqs: list[int]  # sequence indices that take the naive path
+    rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin at `positions`, per step
+
+    @property
+    def all_decode(self) -> bool:
+        """Every sequence feeds one token, in order: decode rows are all rows."""
+        return not self.prefill_seqs and self.decode_rows.numel() == self.num_tokens
 
     @property
     def num_tokens(self) -> int:

@@ -68,8 +68,10 @@ class MLA(nn.Module):
         kv = self.wkv_a(x)  # [T, C+R]
         c_kv = self.kv_norm(kv[:, : self.kv_rank])
         k_pe = kv[:, self.kv_rank :].view(t, 1, self.rope_dim)
-        q_pe = rope(q_pe, batch.positions)
-        k_pe = rope(k_pe, batch.positions).view(t, self.rope_dim)
+        if batch.rope_tables is None:  # the same for every layer of this step
+            batch.rope_tables = rope.tables(batch.positions)
+        qk_pe = rope(torch.cat([q_pe, k_pe], dim=1), batch.positions, batch.rope_tables)  # [T, H+1, R]
+        q_pe, k_pe = qk_pe[:, : self.n_heads], qk_pe[:, self.n_heads].contiguous()  # [T, H, R], [T, R]
         cache.write(self.layer, batch.slots, torch.cat([c_kv, k_pe], dim=-1))
 
         out = x.new_empty(t, self.n_heads, self.v_dim)  # [T, H, V]
@@ -80,10 +82,13 @@ class MLA(nn.Module):
             latent = cache.gather(self.layer, batch.block_tables[s], context)  # [L, C+R]
             out[rows] = self._naive(q_nope[rows], q_pe[rows], latent, batch.cached[s])
         if attn_impl == "auto" and batch.decode_rows.numel():
-            rows_t = batch.decode_rows
             latents = cache.gather_batch(self.layer, batch.decode_block_tables)  # [B, L, C+R]
-            out[rows_t] = self._absorbed(q_nope[rows_t], q_pe[rows_t], latents, batch.decode_context)
-        return self.wo(out.view(t, self.n_heads * self.v_dim))
+            if batch.all_decode:  # rows are the decode rows: no gather, no scatter
+                out = self._absorbed(q_nope, q_pe, latents, batch.decode_context)
+            else:
+                rows_t = batch.decode_rows
+                out[rows_t] = self._absorbed(q_nope[rows_t], q_pe[rows_t], latents, batch.decode_context)
+        return self.wo(out.reshape(t, self.n_heads * self.v_dim))
 
     def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, N, C] and W_UV^T [H, C, V], contiguous; built once (weights are frozen at load)."""

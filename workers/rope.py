@@ -61,10 +61,18 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", torch.cos(angles) * attention_factor, persistent=False)
         self.register_buffer("sin", torch.sin(angles) * attention_factor, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, d/2] at these positions (gather once per step, use in every layer)."""
+        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """x: [T, H, d] (H may be 1 for the shared key); positions: [T]. Computes in fp32."""
-        cos = self.cos[positions][:, None, :]  # [T, 1, d/2]
-        sin = self.sin[positions][:, None, :]
+        cos, sin = tables if tables is not None else self.tables(positions)
         xf = x.float()
         if self.interleave:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]
