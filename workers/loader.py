@@ -253,6 +253,8 @@ def _load_transformer(
         raise CheckpointError(f"checkpoint is missing tensor(s) for: {', '.join(sorted(missing)[:10])}")
     if with_routed_experts:
         _fill_experts(reader, config, model.local_experts())
+    for block in model.layers:
+        block.attn.fuse_input_projections()
     model.eval()
     return model
 

@@ -62,10 +62,10 @@ class MLA(nn.Module):
         attn_impl: AttnImpl = "auto",
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.wq(x) if not self.q_lora else self.wq_b(self.q_norm(self.wq_a(x)))
+        q, kv = self._input_projections(x)  # [T, H*(N+R)] or [T, q_lora_rank]; [T, C+R]
+        q = self.wq_b(self.q_norm(q)) if self.q_lora else q
         q = q.view(t, self.n_heads, self.nope_dim + self.rope_dim)  # [T, H, N+R]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        kv = self.wkv_a(x)  # [T, C+R]
         c_kv = self.kv_norm(kv[:, : self.kv_rank])
         k_pe = kv[:, self.kv_rank :].view(t, 1, self.rope_dim)
         if batch.rope_tables is None:  # the same for every layer of this step
@@ -89,6 +89,31 @@ class MLA(nn.Module):
                 rows_t = batch.decode_rows
                 out[rows_t] = self._absorbed(q_nope[rows_t], q_pe[rows_t], latents, batch.decode_context)
         return self.wo(out.reshape(t, self.n_heads * self.v_dim))
+
+    def _input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two projections of x (query side, compressed KV) as one matmul once fused."""
+        first = self.wq_a if self.q_lora else self.wq
+        fused = getattr(self, "_fused_input", None)
+        if fused is None or fused.dtype != first.weight.dtype or fused.device != first.weight.device:
+            return first(x), self.wkv_a(x)  # not fused, or the module was moved since (stale)
+        out = F.linear(x, fused)  # [T, n_q + C + R]
+        q, kv = out.split([first.weight.shape[0], self.wkv_a.weight.shape[0]], dim=-1)
+        if first.bias is not None:
+            q = q + first.bias
+        if self.wkv_a.bias is not None:
+            kv = kv + self.wkv_a.bias
+        return q, kv
+
+    def fuse_input_projections(self) -> None:
+        """Store the query-side and KV-down weights in one tensor (both read x), so decode reads them
+        in one matmul; the two parameters become views of it, so nothing is duplicated."""
+        first = self.wq_a if self.q_lora else self.wq
+        with torch.no_grad():
+            fused = torch.cat([first.weight, self.wkv_a.weight])  # [n_q + C + R, D]
+        n = first.weight.shape[0]
+        first.weight = nn.Parameter(fused[:n], requires_grad=False)
+        self.wkv_a.weight = nn.Parameter(fused[n:], requires_grad=False)
+        self._fused_input = fused
 
     def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, N, C] and W_UV^T [H, C, V], contiguous; built once (weights are frozen at load)."""

@@ -111,3 +111,14 @@ def test_bf16_top1_agrees_with_fp32_on_256_token_prompt(reference_checkpoints) -
     fp32 = prefill_logits(load_model(path, torch.float32), ids).argmax(-1)
     bf16 = prefill_logits(load_model(path, torch.bfloat16), ids).argmax(-1)
     assert (fp32 == bf16).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("name", ["v2_lite", "v2"])  # wq + wkv_a, and wq_a + wkv_a
+def test_fused_input_projections_equal_separate_ones(name: str, reference_checkpoints) -> None:
+    model = load_model(reference_checkpoints[name])
+    assert all(getattr(b.attn, "_fused_input", None) is not None for b in model.layers)
+    ids = prompt(24, seed=6)
+    fused = prefill_logits(model, ids)
+    for block in model.layers:
+        block.attn._fused_input = None  # the reference: two matmuls
+    assert torch.allclose(prefill_logits(model, ids), fused, atol=1e-5, rtol=1e-5)
