@@ -113,7 +113,12 @@ def test_bad_input_is_invalid_argument_naming_the_field(
         client.generate(request_)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith(f"{field}:"), info.value.details()
-    assert client.generate(build_request(prompt_token_ids=[7, 8], max_tokens=3, ignore_eos=True)).completion_tokens == 3
+    assert (
+        client.generate(
+            build_request(prompt_token_ids=[7, 8], max_tokens=3, ignore_eos=True)
+        ).completion_tokens
+        == 3
+    )
 
 
 def test_a_prompt_filling_all_but_one_position_gets_one_token(client: InferenceClient) -> None:
