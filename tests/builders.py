@@ -7,9 +7,12 @@ The reference model is the oracle, so these checkpoints are written by `transfor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from moeserve.workers.config import ModelConfig
 
 COMMON: dict[str, Any] = dict(
     vocab_size=256,
@@ -245,3 +248,24 @@ class ChecksumRunner:
             context = [self.store[s.block_table[p // bs] * bs + p % bs] for p in range(end)]
             logits[row, self.next_token(context)] = 8.0
         return logits
+
+
+def tiny_config(**overrides: Any) -> ModelConfig:
+    """A parsed config small enough for router and placement unit tests (no weights)."""
+    from moeserve.workers.config import ModelConfig
+
+    base: dict[str, Any] = dict(
+        model_type="deepseek_v2",
+        vocab_size=8,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        kv_lora_rank=8,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        v_head_dim=4,
+        intermediate_size=8,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+    )
+    return ModelConfig.from_dict({**base, **overrides})

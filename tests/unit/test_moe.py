@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import tiny_config
 
-from moeserve.workers.config import ModelConfig
 from moeserve.workers.moe import LocalRoutedExecutor, RoutedExperts, Router
 
 pytestmark = pytest.mark.unit
@@ -39,26 +39,8 @@ def test_experts_without_tokens_and_empty_batch() -> None:
     assert empty.shape == (0, 16)
 
 
-def router_config(**overrides) -> ModelConfig:
-    base = dict(
-        model_type="deepseek_v2",
-        vocab_size=8,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        kv_lora_rank=8,
-        qk_nope_head_dim=4,
-        qk_rope_head_dim=4,
-        v_head_dim=4,
-        intermediate_size=8,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-    )
-    return ModelConfig.from_dict({**base, **overrides})
-
-
 def test_group_limited_routing_stays_within_topk_groups() -> None:
-    cfg = router_config(topk_method="group_limited_greedy", n_group=4, topk_group=1)
+    cfg = tiny_config(topk_method="group_limited_greedy", n_group=4, topk_group=1)
     router = Router(cfg)
     torch.nn.init.normal_(router.weight)
     _, ids = router(torch.randn(64, 16))
@@ -66,7 +48,7 @@ def test_group_limited_routing_stays_within_topk_groups() -> None:
 
 
 def test_noaux_tc_bias_selects_but_does_not_weigh() -> None:
-    cfg = router_config(
+    cfg = tiny_config(
         model_type="deepseek_v3", n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0
     )
     router = Router(cfg)

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from builders import tiny_config
 
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.moe import Router
@@ -15,21 +16,7 @@ pytestmark = pytest.mark.unit
 
 
 def config(**overrides: object) -> ModelConfig:
-    base: dict[str, object] = dict(
-        model_type="deepseek_v2",
-        vocab_size=8,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        kv_lora_rank=8,
-        qk_nope_head_dim=4,
-        qk_rope_head_dim=4,
-        v_head_dim=4,
-        intermediate_size=8,
-        n_routed_experts=16,
-        num_experts_per_tok=4,
-    )
-    return ModelConfig.from_dict({**base, **overrides})
+    return tiny_config(**{"n_routed_experts": 16, "num_experts_per_tok": 4, **overrides})
 
 
 def grouped(n_group: int = 4, topk_group: int = 2) -> ModelConfig:
