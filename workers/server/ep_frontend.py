@@ -269,6 +269,8 @@ class EPFrontend:
             time.sleep(0.02)
 
     def _deliver(self, key: int, out: RequestOutput) -> None:
+        if out.abort_cause == "failed":  # a rank's engine failed: a peer was lost, the instance is down
+            out = replace(out, abort_cause="unavailable")
         with self._lock:
             held = self._sinks.get(key)
             if held is not None and out.finished:
