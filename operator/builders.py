@@ -214,6 +214,12 @@ def _service_port(name: str, port: int) -> Manifest:
 # -- pods -----------------------------------------------------------------------------------------
 
 
+def _metrics_export_flag(spec: MoEServiceSpec) -> str:
+    """Every pod's Ray metrics agent serves Prometheus text here: Ray's own metrics and the attention
+    ranks' `ray_moeserve_*` engine metrics (`serve_metrics.py`)."""
+    return f"--metrics-export-port={spec.serving.metrics_port}"
+
+
 def head_pod(owner: Owner, spec: MoEServiceSpec) -> Manifest:
     command = [
         "ray",
@@ -225,12 +231,14 @@ def head_pod(owner: Owner, spec: MoEServiceSpec) -> Manifest:
         "--dashboard-host=0.0.0.0",
         f"--dashboard-port={contract.RAY_DASHBOARD_PORT}",
         "--num-gpus=0",  # ranks ask for GPUs and moeserve_* resources, which only workers offer
+        _metrics_export_flag(spec),
     ]
+    ports = [*_head_ports(spec), (contract.METRICS_PORT_NAME, spec.serving.metrics_port)]
     container = {
         "name": "ray-head",
         "image": spec.image,
         "command": command,
-        "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in _head_ports(spec)],
+        "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
         "resources": _resources(spec.head_resources, gpus=0),
         "readinessProbe": {
             "httpGet": {"path": "/api/gcs_healthz", "port": contract.RAY_DASHBOARD_PORT_NAME},
@@ -267,6 +275,7 @@ def worker_template(owner: Owner, spec: MoEServiceSpec, role: Role) -> Manifest:
         f"--address={head_address}",
         f"--num-gpus={group.gpus_per_rank}",
         f"--resources={json.dumps({RAY_RESOURCES[role]: 1})}",
+        _metrics_export_flag(spec),
     ]
     container: Manifest = {
         "name": f"ray-{role}",
@@ -274,15 +283,14 @@ def worker_template(owner: Owner, spec: MoEServiceSpec, role: Role) -> Manifest:
         "command": command,
         "resources": _resources(group.resources, gpus=group.gpus_per_rank),
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-    }
-    if role == contract.ROLE_ATTENTION:
-        container["ports"] = [
+        "ports": [
             {
                 "name": contract.METRICS_PORT_NAME,
                 "containerPort": spec.serving.metrics_port,
                 "protocol": "TCP",
             }
-        ]
+        ],
+    }
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",

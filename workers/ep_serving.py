@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moeserve.workers.config import ModelConfig
-from moeserve.workers.engine.core import Engine
+from moeserve.workers.engine.core import Engine, EngineObserver
 from moeserve.workers.engine.lockstep import LockstepLoop, serve_experts
 from moeserve.workers.engine.request import RequestOutput, SamplingParams
 from moeserve.workers.engine.runner import LocalModelRunner
@@ -57,7 +57,13 @@ def join_world(spec: ServingRankSpec, rank: int, store_host: str, store_port: in
 class AttentionRank:
     """One attention rank's engine behind key-based submit/abort; call `start` once every rank loads."""
 
-    def __init__(self, spec: ServingRankSpec, world: EPWorld, on_output: OutputCallback):
+    def __init__(
+        self,
+        spec: ServingRankSpec,
+        world: EPWorld,
+        on_output: OutputCallback,
+        observer: EngineObserver | None = None,
+    ):
         config = ModelConfig.from_file(spec.model_path)
         model = load_attention_side(spec.model_path, spec.ep.dtype, device=world.device)
         routed = AllToAllExecutor(world, spec.ep.expert_placement(config))
@@ -65,7 +71,7 @@ class AttentionRank:
             model, spec.engine.num_blocks, spec.engine.block_size, routed, world.device
         )
         tokenizer = Tokenizer.from_model_dir(spec.model_path)
-        self.engine = Engine(self.runner, spec.engine, config.eos_token_ids, tokenizer)
+        self.engine = Engine(self.runner, spec.engine, config.eos_token_ids, tokenizer, observer)
         self.world = world
         self.loop = LockstepLoop(self.engine, world)
         self.on_output = on_output

@@ -1,16 +1,20 @@
 """The Ray Serve application: `build_app(args)` (import path `moeserve.workers.serve_app:build_app`).
 
-Two deployments: `InferenceIngress` implements the `moeserve.v1.Inference` RPCs for Ray Serve's own
-gRPC proxy (method names are the RPC names; `Generate` is a streaming generator; status codes go
+Three deployments: `InferenceIngress` implements the `moeserve.v1.Inference` RPCs for Ray Serve's
+own gRPC proxy (method names are the RPC names; `Generate` is a streaming generator; status codes go
 through Serve's `grpc_context`), validating each request against a weight-less twin of the engine;
 `ModelInstance` has `config.replicas` replicas, each owning one expert-parallel model instance
-(`serve_ranks.ModelInstanceCore`: rank actors in a placement group). Serve's handle spreads requests
-over the instances. This module builds and wires; it holds no model weights itself.
+(`serve_ranks.ModelInstanceCore`: rank actors in a placement group); `InstanceHealth` (one replica)
+collects every instance's readiness so that health checks see all instances, not the one Serve's
+router happens to pick. Serve's handle spreads requests over the instances. This module builds and
+wires; it holds no model weights itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,12 +35,16 @@ from moeserve.workers.ep_rank import EPSettings
 from moeserve.workers.ep_serving import ServingRankSpec
 from moeserve.workers.placement import PlacementError
 from moeserve.workers.serve_ranks import ModelInstanceCore
+from moeserve.workers.serve_routing import READY_STAT, router_config
 from moeserve.workers.server.convert import model_info, to_engine, to_response
 from moeserve.workers.server.ep_frontend import validation_engine
 from moeserve.workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 HEALTH_SERVICE = "moeserve.v1.Inference"
+HEALTH_SERVICE_AVAILABLE = HEALTH_SERVICE + "/available"
+HEARTBEAT_S = 1.0  # an instance re-reports its readiness this often, and at once when it changes
+STALE_S = 5.0  # an instance not heard from for this long is gone (its replica died or was removed)
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "default-model"
 _STATUS = {
     "unavailable": grpc.StatusCode.UNAVAILABLE,
@@ -74,16 +82,54 @@ def rank_spec(cfg: ServeAppConfig) -> ServingRankSpec:
     return ServingRankSpec(model_path(cfg), ep, engine)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+class InstanceHealth:
+    """Readiness of every model instance, as each reports it (heartbeats; stale ones expire).
+
+    Its state is rebuilt within one heartbeat if Serve restarts it, so it needs no persistence."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[bool, float]] = {}  # instance -> (ready, when reported)
+
+    async def report(self, instance: str, ready: bool) -> None:
+        self._seen[instance] = (ready, time.monotonic())
+
+    async def leave(self, instance: str) -> None:
+        self._seen.pop(instance, None)
+
+    async def ready_instances(self) -> tuple[int, int]:
+        """(instances heard from within `STALE_S`, how many of them are ready)."""
+        now = time.monotonic()
+        self._seen = {k: v for k, v in self._seen.items() if now - v[1] <= STALE_S}
+        return len(self._seen), sum(ready for ready, _ in self._seen.values())
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000, request_router_config=router_config()
+)
 class ModelInstance:
     """One model instance per replica: A attention + E expert rank actors, rebuilt when one dies."""
 
-    async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]
+    async def __init__(self, config: dict[str, Any], health: DeploymentHandle):  # type: ignore[misc]
         cfg = ServeAppConfig.from_dict(config)
-        name = serve.get_replica_context().replica_id.unique_id
+        self.name = serve.get_replica_context().replica_id.unique_id
         gpus = (cfg.gpus_per_attention_rank, cfg.gpus_per_expert_rank)
-        self.core = ModelInstanceCore(rank_spec(cfg), name, gpus)
+        self.core = ModelInstanceCore(rank_spec(cfg), self.name, gpus)
+        self.health = health
+        self._reporter = asyncio.create_task(self._report_readiness())  # "not ready" while starting
         await self.core.start()
+
+    async def _report_readiness(self) -> None:
+        last: tuple[bool, float] | None = None
+        while True:
+            ready = self.core.ready.is_set()
+            if last is None or last[0] != ready or time.monotonic() - last[1] >= HEARTBEAT_S:
+                try:
+                    await self.health.report.remote(self.name, ready)
+                    last = (ready, time.monotonic())
+                except Exception:  # noqa: BLE001 - the health deployment restarts; report again
+                    log.warning("%s: readiness report failed", self.name, exc_info=True)
+            await asyncio.sleep(0.05)
 
     async def generate(
         self, prompt_ids: list[int], sampling: SamplingParams, request_id: str, timeout_s: float | None
@@ -94,11 +140,14 @@ class ModelInstance:
     async def stats(self) -> list[dict[str, int]]:
         return await self.core.stats()
 
-    async def healthy(self) -> bool:
-        """False while this instance starts or rebuilds its ranks."""
-        return self.core.ready.is_set()
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by Serve's controller for `ReadyInstancesFirst`."""
+        return {READY_STAT: self.core.ready.is_set()}
 
     def __del__(self) -> None:
+        reporter = getattr(self, "_reporter", None)
+        if reporter is not None:
+            reporter.cancel()
         core = getattr(self, "core", None)
         if core is not None:
             core.shutdown()
@@ -108,10 +157,12 @@ class ModelInstance:
 class InferenceIngress:
     """`moeserve.v1.Inference` behind Ray Serve's gRPC proxy."""
 
-    def __init__(self, model: DeploymentHandle, config: dict[str, Any]):
+    def __init__(self, model: DeploymentHandle, health: DeploymentHandle, config: dict[str, Any]):
         cfg = ServeAppConfig.from_dict(config)
         spec = rank_spec(cfg)
         self.model = model
+        self.health = health
+        self.instances = cfg.replicas
         self.tokenizer = Tokenizer.from_model_dir(spec.model_path)
         self.engine = validation_engine(spec, self.tokenizer)
         self.info = model_info(
@@ -132,13 +183,17 @@ class InferenceIngress:
     async def Check(
         self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
     ) -> health_pb2.HealthCheckResponse:
-        """grpc.health.v1.Health/Check: SERVING once the model instance asked is ready, NOT_SERVING
-        while it starts or rebuilds its ranks (Serve picks the instance, as it does for requests)."""
-        if request.service not in ("", HEALTH_SERVICE):
+        """grpc.health.v1.Health/Check over all model instances. "" and `moeserve.v1.Inference`:
+        SERVING when every instance is ready, NOT_SERVING while any starts or rebuilds its ranks.
+        `moeserve.v1.Inference/available`: SERVING while at least one instance can take requests."""
+        if request.service not in ("", HEALTH_SERVICE, HEALTH_SERVICE_AVAILABLE):
             _fail(grpc_context, grpc.StatusCode.NOT_FOUND, f"service: unknown service {request.service!r}")
-        serving = await self.model.healthy.remote()
+        _, ready = await self.health.ready_instances.remote()
+        needed = 1 if request.service == HEALTH_SERVICE_AVAILABLE else self.instances
         status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            health_pb2.HealthCheckResponse.SERVING
+            if ready >= needed
+            else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         return health_pb2.HealthCheckResponse(status=status)
 
@@ -179,8 +234,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     except PlacementError as e:
         raise ServeConfigError(f"placement: {e}") from e
     config = cfg.to_dict()
-    model = ModelInstance.options(num_replicas=cfg.replicas).bind(config)  # type: ignore[attr-defined]
-    return InferenceIngress.bind(model, config)  # type: ignore[attr-defined,no-any-return]
+    health = InstanceHealth.bind()  # type: ignore[attr-defined]
+    model = ModelInstance.options(num_replicas=cfg.replicas).bind(config, health)  # type: ignore[attr-defined]
+    return InferenceIngress.bind(model, health, config)  # type: ignore[attr-defined,no-any-return]
 
 
 class _Stop(Exception):
@@ -208,7 +264,11 @@ def run_with_ray(cfg: ServeAppConfig, ray_address: str | None, host: str = "0.0.
         ray.init(address=ray_address)
     else:  # logical CPUs: one bundle per rank of every instance, whatever the cores
         ranks = cfg.replicas * (cfg.attention_ranks + cfg.expert_ranks)
-        ray.init(num_cpus=max(os.cpu_count() or 1, ranks + 1), include_dashboard=False)
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, ranks + 1),
+            include_dashboard=False,
+            _metrics_export_port=cfg.ports.metrics,
+        )
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, _raise_stop)
     try:
@@ -217,7 +277,8 @@ def run_with_ray(cfg: ServeAppConfig, ray_address: str | None, host: str = "0.0.
         )
         serve.start(http_options={"host": host, "port": 0}, grpc_options=grpc_options)
         serve.run(app, name="moeserve")
-        print(f"moeserve: serving through Ray Serve's gRPC proxy on :{cfg.ports.grpc}", flush=True)
+        metrics = "" if ray_address else f", metrics on :{cfg.ports.metrics}{contract.METRICS_PATH}"
+        print(f"moeserve: serving through Ray Serve's gRPC proxy on :{cfg.ports.grpc}{metrics}", flush=True)
         threading.Event().wait()
     except _Stop:
         log.info("signal received; shutting down Serve and Ray")

@@ -29,8 +29,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from moeserve import contract
 from moeserve.workers.engine.request import RequestOutput, SamplingParams
 from moeserve.workers.ep_serving import AttentionRank, ServingRankSpec, join_world, run_expert_rank
+from moeserve.workers.serve_metrics import RankMetrics
 
 log = logging.getLogger(__name__)
+METRICS_REFRESH_S = 0.5
 ACTOR_PREFIX = "moeserve-rank"  # actor names: f"{ACTOR_PREFIX}-{instance}-{generation}-{role}-{rank}"
 
 
@@ -38,9 +40,10 @@ ACTOR_PREFIX = "moeserve-rank"  # actor names: f"{ACTOR_PREFIX}-{instance}-{gene
 class AttentionRankActor:
     """One attention rank. Async: `generate` streams while the engine thread steps."""
 
-    def __init__(self, spec: ServingRankSpec, rank: int):
+    def __init__(self, spec: ServingRankSpec, rank: int, instance: str):
         self.spec = spec
         self.rank = rank
+        self.metrics = RankMetrics(instance, rank)
         self.ranker: AttentionRank | None = None
         self._queues: dict[int, asyncio.Queue[RequestOutput]] = {}
         self._store: dist.TCPStore | None = None
@@ -64,14 +67,15 @@ class AttentionRankActor:
 
         def start() -> AttentionRank:
             world = join_world(self.spec, self.rank, host, port)
-            ranker = AttentionRank(self.spec, world, on_output)
+            ranker = AttentionRank(self.spec, world, on_output, self.metrics)
             ranker.start()
             return ranker
 
         ranker: AttentionRank = await asyncio.to_thread(start)
         self.ranker = ranker
         while ranker.loop.alive:
-            await asyncio.sleep(0.1)
+            self.metrics.refresh(ranker)
+            await asyncio.sleep(METRICS_REFRESH_S)
         if ranker.loop.failure is not None:
             raise RuntimeError(f"{ranker.world.name} failed: {ranker.loop.failure!r}")
 
@@ -136,7 +140,10 @@ def bundle_resources(role: str, gpus: float, cluster: dict[str, float]) -> dict[
 class RankWorld:
     """One generation of a model instance's ranks as Ray actors in one placement group."""
 
-    def __init__(self, spec: ServingRankSpec, name: str, gpus: tuple[float, float] = (0.0, 0.0)):
+    def __init__(
+        self, spec: ServingRankSpec, instance: str, generation: int, gpus: tuple[float, float] = (0.0, 0.0)
+    ):
+        name = f"{ACTOR_PREFIX}-{instance}-{generation}"
         layout = spec.ep.layout
         cluster = ray.cluster_resources()
         bundles = [
@@ -149,20 +156,26 @@ class RankWorld:
         self.experts: list[Any] = []
         self.runs: list[ray.ObjectRef] = []
         self.name = name
+        self.instance = instance
         self._spec = spec
 
     async def start(self, timeout_s: float) -> None:
         await asyncio.wait_for(self.pg.ready(), timeout_s)
         for rank in range(self.layout.size):
             role = self.layout.role(rank)
-            cls: Any = AttentionRankActor if role == "attention" else ExpertRankActor
-            actor = cls.options(
-                name=f"{self.name}-{role}-{rank}",
-                num_cpus=1,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
+            options: Any = {
+                "name": f"{self.name}-{role}-{rank}",
+                "num_cpus": 1,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=rank
                 ),
-            ).remote(self._spec, rank)
+            }
+            attention: Any = AttentionRankActor  # ray.remote classes: mypy does not see `options`
+            expert: Any = ExpertRankActor
+            if role == "attention":
+                actor = attention.options(**options).remote(self._spec, rank, self.instance)
+            else:
+                actor = expert.options(**options).remote(self._spec, rank)
             (self.attention if role == "attention" else self.experts).append(actor)
         host, port = await self.attention[0].host_store.remote()
         self.runs = [a.run.remote(host, port) for a in [*self.attention, *self.experts]]
@@ -217,7 +230,7 @@ class ModelInstanceCore:
     async def _build(self) -> None:
         while True:
             self.generation += 1
-            world = RankWorld(self.spec, f"{ACTOR_PREFIX}-{self.name}-{self.generation}", self.gpus)
+            world = RankWorld(self.spec, self.name, self.generation, self.gpus)
             try:
                 await world.start(self.spec.ep.startup_timeout_s)
             except Exception:  # noqa: BLE001 - logged; a fresh world is tried

@@ -48,7 +48,9 @@ class Ports:
     grpc: int = 9000
     """Ray Serve's gRPC proxy port (clients connect here)."""
     metrics: int = 8080
-    """Prometheus metrics port of each model instance's attention rank 0."""
+    """Prometheus port (`/metrics`) of Ray's metrics agent on every node (`ray start
+    --metrics-export-port`; `moeserve serve --ray` sets it on the Ray it starts): Ray's metrics and
+    the attention ranks' engine metrics as `ray_moeserve_*`."""
 
 
 @dataclass(frozen=True)

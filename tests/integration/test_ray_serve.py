@@ -66,16 +66,32 @@ def reference(serving_checkpoint: Path) -> list[tuple]:
         return outputs(server.address, requests())
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture(scope="module")
-def address(serving_checkpoint: Path) -> Iterator[str]:
+def metrics_port() -> int:
+    """Where the node's Ray metrics agent serves Prometheus text (what `ray start
+    --metrics-export-port` sets on the operator's pods)."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def address(serving_checkpoint: Path, metrics_port: int) -> Iterator[str]:
     from ray.serve.config import gRPCOptions
 
     from moeserve.workers.serve_app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=8, include_dashboard=False)
+    port = free_port()
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 500},
+    )
     try:
         serve.start(
             http_options={"port": 0},
@@ -107,11 +123,10 @@ def rank_actors(role: str) -> dict[str, Any]:
 
 def test_serve_cli_with_ray_serves_then_stops_cleanly_on_sigterm(serving_checkpoint: Path) -> None:
     """Runs first, before the module's cluster exists: it starts and stops a Ray of its own."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "moeserve.workers.cli", "serve", "--ray", "--model", str(serving_checkpoint)]
     cmd += ["--expert-ranks", "2", "--port", str(port), "--max-model-len", "256"]
+    cmd += ["--metrics-port", str(metrics_port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
@@ -121,6 +136,7 @@ def test_serve_cli_with_ray_serves_then_stops_cleanly_on_sigterm(serving_checkpo
         with InferenceClient(f"127.0.0.1:{port}") as client:
             done = client.generate(build_request(None, [3, 4, 5], max_tokens=4, temperature=0.0))
         assert done.completion_tokens == 4
+        assert any(k.startswith("ray_") for k in scrape(metrics_port, "ray_"))  # Ray's metrics agent
         ray_processes = psutil.Process(proc.pid).children(recursive=True)  # raylet, GCS, workers
         assert ray_processes
         proc.send_signal(signal.SIGTERM)
@@ -163,6 +179,7 @@ def test_health_through_serve(address: str) -> None:
 
     assert {health(address) for _ in range(6)} == {health_pb2.HealthCheckResponse.SERVING}
     assert health(address, "moeserve.v1.Inference") == health_pb2.HealthCheckResponse.SERVING
+    assert health(address, "moeserve.v1.Inference/available") == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.RpcError) as info:
         health(address, "no.such.Service")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
@@ -172,6 +189,78 @@ def test_bad_input_is_invalid_argument(address: str) -> None:
     with InferenceClient(address) as client, pytest.raises(grpc.RpcError) as info:
         client.generate(build_request(None, [5], max_tokens=2, top_p=1.5))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.top_p" in info.value.details()
+
+
+def scrape(port: int, prefix: str = "ray_moeserve_") -> dict[str, float]:
+    """Sum of each `prefix*` sample over its series (instances, ranks, workers), keyed by sample name
+    plus, for finished requests, the finish reason."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(prefix):
+                key = sample.name + "/" + sample.labels.get("finish_reason", "")
+                sums[key] = sums.get(key, 0.0) + sample.value
+    return sums
+
+
+def test_engine_metrics_reach_rays_metrics_endpoint(
+    address: str, metrics_port: int, serving_checkpoint: Path
+) -> None:
+    from moeserve.workers.config import ModelConfig
+
+    config = ModelConfig.from_file(serving_checkpoint)
+    before = scrape(metrics_port)
+    reqs = requests()
+    with InferenceClient(address) as client, ThreadPoolExecutor(len(reqs)) as pool:
+        done = list(pool.map(client.generate, reqs))
+    generated = sum(c.completion_tokens for c in done)
+    prompt = sum(c.prompt_tokens for c in done)
+    # every token the model ran (all but each request's last) went to top-k experts in each MoE layer
+    routed = (prompt + generated - len(done)) * config.num_experts_per_tok * len(config.moe_layers)
+    want = {
+        "ray_moeserve_generated_tokens_total/": generated,
+        "ray_moeserve_prompt_tokens_total/": prompt,
+        "ray_moeserve_requests_total/length": sum(c.finish_reason == "length" for c in done),
+        "ray_moeserve_time_to_first_token_seconds_count/": len(done),
+        "ray_moeserve_expert_tokens_total/": routed,
+    }
+    deadline = time.monotonic() + 20
+    while True:  # the agent exports what workers reported within a couple of report intervals
+        after = scrape(metrics_port)
+        got = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in want}
+        if got == want and after.get("ray_moeserve_kv_blocks_used/") == 0:
+            break
+        assert time.monotonic() < deadline, f"metrics {got} != {want}"
+        time.sleep(0.5)
+    assert after["ray_moeserve_kv_blocks_free/"] > 0 and after.get("ray_moeserve_requests_running/") == 0
+
+
+def test_a_client_deadline_ends_the_stream_and_frees_the_rank(address: str) -> None:
+    """Serve's context hides the remaining time, but a call past its deadline is cancelled by the
+    proxy, and the cancellation must reach the attention rank (its request aborted, blocks freed)."""
+    with InferenceClient(address) as client:
+        call = client.stream(build_request(None, list(range(2, 30)), max_tokens=220, ignore_eos=True), 1.0)
+        tokens = len(next(call).token_ids)
+        held = [ray.get(a.stats.remote())["requests"] for a in rank_actors("attention").values()]
+        assert sorted(held) == [0, 1]
+        with pytest.raises(grpc.RpcError) as info:
+            for reply in call:
+                tokens += len(reply.token_ids)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert tokens < 220
+    deadline = time.monotonic() + 10
+    while True:
+        stats = [ray.get(a.stats.remote(), timeout=30) for a in rank_actors("attention").values()]
+        if all(s["requests"] == 0 and s["kv_blocks_used"] == 0 for s in stats):
+            break
+        assert time.monotonic() < deadline, f"the rank still holds the request: {stats}"
+        time.sleep(0.2)
 
 
 def test_a_killed_expert_actor_ends_the_stream_unavailable_and_the_instance_recovers(
@@ -193,12 +282,33 @@ def test_a_killed_expert_actor_ends_the_stream_unavailable_and_the_instance_reco
             except grpc.RpcError as e:
                 errors.append(e)
 
+        statuses: dict[str, set[int]] = {"": set(), "moeserve.v1.Inference/available": set()}
+        watching = threading.Event()
+
+        def watch_health() -> None:  # until the stream has ended and the instance is back
+            while not watching.is_set():
+                for service, seen in statuses.items():
+                    seen.add(health(address, service))
+                time.sleep(0.05)
+
         reader = threading.Thread(target=drain)
+        watcher = threading.Thread(target=watch_health)
         reader.start()
+        watcher.start()
         ray.kill(victim, no_restart=True)
         reader.join(TIMEOUT_S + 20)
         assert not reader.is_alive(), "the stream hung"
         assert errors and errors[0].code() == grpc.StatusCode.UNAVAILABLE, errors
+        # Serve's router hears of the rebuild within a routing-stats period; from then on requests go
+        # to the other instance: some finish while the whole service still reports NOT_SERVING.
+        from grpc_health.v1 import health_pb2
+
+        time.sleep(1.5)
+        served_meanwhile = 0
+        while health(address) == health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert outputs(address, requests()[:2]) == reference[:2]
+            served_meanwhile += health(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert served_meanwhile > 0, "no request finished during the rebuild"
         deadline = time.monotonic() + 60
         while True:  # the instance rebuilds its ranks; every instance serves correctly again
             try:
@@ -208,9 +318,17 @@ def test_a_killed_expert_actor_ends_the_stream_unavailable_and_the_instance_reco
                 assert time.monotonic() < deadline, "no recovery within 60 s"
                 time.sleep(1)
         assert len(rank_actors("attention")) == 2 and len(rank_actors("expert")) == 4
-        from grpc_health.v1 import health_pb2
-
-        assert {health(address) for _ in range(6)} == {health_pb2.HealthCheckResponse.SERVING}
+        deadline = time.monotonic() + 10  # readiness reaches the health deployment within a beat
+        while health(address) != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "health still NOT_SERVING after recovery"
+            time.sleep(0.2)
+        watching.set()
+        watcher.join()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        # the whole service was NOT_SERVING while one instance rebuilt; the other kept serving
+        assert statuses[""] == {serving, not_serving}, statuses
+        assert statuses["moeserve.v1.Inference/available"] == {serving}, statuses
 
 
 @pytest.mark.parametrize(

@@ -329,6 +329,7 @@ def test_chart_installs_the_crd_and_an_operator_with_least_privilege(
             "serving.grpcPort and serving.metricsPort must differ",
         ),
         ("demo", {"serving": {"grpcPort": 8265}}, "serving.grpcPort must not be a Ray head port"),
+        ("demo", {"serving": {"metricsPort": 6379}}, "serving.metricsPort must not be a Ray head port"),
         (
             "demo",
             {"experts": {"ranks": 2, "placement": [[0, 1]]}},

@@ -146,6 +146,8 @@ def test_worker_pods_request_their_gpus_and_offer_one_unit_of_their_ray_resource
         assert f"--num-gpus={gpus}" in c["command"]
         assert f'--resources={{"{resource}": 1}}' in c["command"]
         assert "--address=demo-head.models.svc:6379" in c["command"]
+        assert "--metrics-export-port=8080" in c["command"]
+        assert {"name": "metrics", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
         assert pod["spec"]["restartPolicy"] == "Never"
         meta = pod["metadata"]
         assert meta["name"] == f"demo-{group.role}-1" and meta["labels"][contract.LABEL_INDEX] == "1"
@@ -154,6 +156,8 @@ def test_worker_pods_request_their_gpus_and_offer_one_unit_of_their_ray_resource
     assert container(desired.workers[0].template)["resources"]["requests"]["cpu"] == "4"
     head = container(desired.head)
     assert GPU_RESOURCE not in json.dumps(head["resources"]) and "--num-gpus=0" in head["command"]
+    assert "--metrics-export-port=8080" in head["command"]
+    assert {"name": "metrics", "containerPort": 8080, "protocol": "TCP"} in head["ports"]
 
 
 def test_cpu_only_ranks_request_no_gpus() -> None:
@@ -251,7 +255,7 @@ def test_services_expose_the_head_and_the_grpc_endpoint() -> None:
         ("grpc", 9100, "grpc")
     ]
     ports = {p["name"]: p["containerPort"] for p in container(builders.head_pod(OWNER, spec))["ports"]}
-    assert ports == {"gcs": 6379, "dashboard": 8265, "grpc": 9100}
+    assert ports == {"gcs": 6379, "dashboard": 8265, "grpc": 9100, "metrics": 8080}
     assert builders.endpoint(OWNER, spec) == "demo.models.svc:9100"
 
 
