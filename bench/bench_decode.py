@@ -104,6 +104,31 @@ def active_weight_bytes(config: ModelConfig, model: Transformer) -> int:
     return total
 
 
+@torch.inference_mode()
+def gemv_floor(config: ModelConfig, model: Transformer, repeats: int = 20) -> float:
+    """Seconds torch's own matmul kernels take to read one token's active weights once (one
+    matrix-vector product per weight matrix, top-k random experts per MoE layer): the floor of any
+    PyTorch decode step at batch 1 on this machine; a step's time above it is per-op overhead."""
+    gen = torch.Generator().manual_seed(0)
+    matrices: list[torch.Tensor] = []
+    for name, p in model.named_parameters():
+        if name == "embed.weight" or p.dim() < 2:
+            continue
+        if ".ffn.experts." in name:
+            chosen = torch.randperm(config.n_routed_experts, generator=gen)[: config.num_experts_per_tok]
+            matrices.extend(p[int(e)] for e in chosen)
+        else:
+            matrices.append(p)
+    inputs = [torch.ones(1, w.shape[1], dtype=w.dtype) for w in matrices]
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for x, w in zip(inputs, matrices, strict=True):
+            torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def memory_bandwidth() -> float:
     """Read bandwidth (bytes/s) of a sum over 1 GiB, best of 5."""
     x = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
@@ -157,6 +182,19 @@ def main() -> None:
         f"batch-1 roofline: {weight_bytes / 1e6:.1f} MB active weights/token, bandwidth {bw / 1e9:.1f} GB/s "
         f"-> {roofline:.1f} tok/s; moeserve reaches {ours_b1 / roofline:.0%}"
     )
+    # The machine's bandwidth drifts (shared host): pair each measurement with a decode run.
+    ids = prompts(1, args.prompt, cfg.vocab_size)
+    print("paired batch-1 runs (bandwidth, torch GEMV floor and decode measured back to back):")
+    for _ in range(args.repeats):
+        bw = memory_bandwidth()
+        floor = gemv_floor(cfg, ours)
+        step = ours_decode(ours, ids, args.new_tokens)[0]
+        print(
+            f"  bandwidth {bw / 1e9:5.1f} GB/s -> roofline {bw / weight_bytes:6.1f} tok/s; "
+            f"GEMV floor {floor * 1e3:5.2f} ms ({weight_bytes / floor / 1e9:4.1f} GB/s); "
+            f"moeserve step {step * 1e3:5.2f} ms = {1 / step:5.1f} tok/s, "
+            f"{weight_bytes / step / bw:.0%} of roofline, above the floor {(step - floor) * 1e3:.2f} ms"
+        )
     print(f"per-token decode time at batch 1 after {args.prompt} vs {args.long_prompt} prompt tokens:")
     for label, fn in (
         ("moeserve", lambda i: ours_decode(ours, i, args.long_new_tokens)[0]),

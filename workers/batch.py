@@ -35,6 +35,7 @@ class ForwardBatch:
     decode_rows: torch.Tensor  # [B] token rows of single-token sequences (absorbed path)
     decode_block_tables: torch.Tensor  # [B, nb_max] int64, padded with block 0
     decode_context: torch.Tensor  # [B] context length including the new token
+    decode_padding: torch.Tensor  # [B, 1, L] bool, True past each context (L = nb_max * block_size)
     prefill_seqs: list[int]  # sequence indices that take the naive path
     rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin at `positions`, per step
 
@@ -106,5 +107,9 @@ class ForwardBatch:
             decode_rows=longs(decode_rows),
             decode_block_tables=longs(padded).view(len(padded), width),
             decode_context=longs(decode_context),
+            decode_padding=(  # one mask per step, not per layer
+                torch.arange(width * block_size, device=device)[None, None, :]
+                >= longs(decode_context)[:, None, None]
+            ),
             prefill_seqs=prefill,
         )

@@ -84,10 +84,10 @@ class MLA(nn.Module):
         if attn_impl == "auto" and batch.decode_rows.numel():
             latents = cache.gather_batch(self.layer, batch.decode_block_tables)  # [B, L, C+R]
             if batch.all_decode:  # rows are the decode rows: no gather, no scatter
-                out = self._absorbed(q_nope, q_pe, latents, batch.decode_context)
+                out = self._absorbed(q_nope, q_pe, latents, batch.decode_padding)
             else:
                 rows_t = batch.decode_rows
-                out[rows_t] = self._absorbed(q_nope[rows_t], q_pe[rows_t], latents, batch.decode_context)
+                out[rows_t] = self._absorbed(q_nope[rows_t], q_pe[rows_t], latents, batch.decode_padding)
         return self.wo(out.reshape(t, self.n_heads * self.v_dim))
 
     def _input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,15 +142,15 @@ class MLA(nn.Module):
         return o.transpose(0, 1)
 
     def _absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latents: torch.Tensor, context: torch.Tensor
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latents: torch.Tensor, padding: torch.Tensor
     ) -> torch.Tensor:
-        """Decode: one query per sequence. q [B, H, *], latents [B, L, C+R], context [B]. -> [B, H, V]."""
+        """Decode: one query per sequence. q [B, H, *], latents [B, L, C+R], padding [B, 1, L] (True
+        past each sequence's context). -> [B, H, V]."""
         w_uk, w_uv_t = self._absorbed_weights()
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, C]: W_UK absorbed
         q_full = torch.cat([q_lat, q_pe], dim=-1)  # [B, H, C+R], MQA query against [c_KV ; k_pe]
         scores = torch.bmm(q_full, latents.transpose(1, 2)).float() * self.scale  # [B, H, L]
-        valid = torch.arange(latents.shape[1], device=latents.device)[None, :] < context[:, None]  # [B, L]
-        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        scores = scores.masked_fill(padding, float("-inf"))
         probs = scores.softmax(dim=-1).to(latents.dtype)
         o_lat = torch.bmm(probs, latents[..., : self.kv_rank])  # [B, H, C]
         return torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, H, V]: W_UV applied after
