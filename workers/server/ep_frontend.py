@@ -115,6 +115,7 @@ class EPFrontend:
         self.engine = validation_engine(spec, tokenizer)
         self.on_failure = on_failure
         self.failure: BaseException | None = None
+        self._engine_failure: str | None = None  # first failed rank engine's error, with its root cause
         self._stopping = False
         self._lock = threading.Lock()
         self._keys = iter(range(1 << 62))
@@ -239,7 +240,7 @@ class EPFrontend:
             except (EOFError, OSError):
                 return
             if kind == "out":
-                self._deliver(*payload)
+                self._deliver(rank, *payload)
             elif kind == "ready":
                 self._ready.add(rank)
             elif kind == "stats":
@@ -268,9 +269,11 @@ class EPFrontend:
                 return message
             time.sleep(0.02)
 
-    def _deliver(self, key: int, out: RequestOutput) -> None:
+    def _deliver(self, rank: int, key: int, out: RequestOutput) -> None:
         if out.abort_cause == "failed":  # a rank's engine failed: a peer was lost, the instance is down
-            out = replace(out, abort_cause="unavailable")
+            if self._engine_failure is None:  # name the dead rank, whichever side noticed first
+                self._engine_failure = self._root_cause(rank, out.error or "engine failed")
+            out = replace(out, abort_cause="unavailable", error=self._engine_failure)
         with self._lock:
             held = self._sinks.get(key)
             if held is not None and out.finished:
