@@ -29,6 +29,7 @@ from moeserve.workers.ep_dispatch import AllToAllExecutor, ExpertServer
 from moeserve.workers.ep_rank import EPSettings
 from moeserve.workers.ep_world import EPWorld, init_world
 from moeserve.workers.loader import load_attention_side, load_experts
+from moeserve.workers.server.metrics import RankGauges
 from moeserve.workers.tokenizer import Tokenizer
 
 # (front-end key, output) from an attention rank's engine thread
@@ -121,6 +122,17 @@ class AttentionRank:
             "requests": len(self.engine.requests),
             "steps": self.loop.steps,
         }
+
+    def gauges(self) -> RankGauges:
+        """The engine's gauges and per-expert token counts (read off the engine thread)."""
+        allocator = self.runner.allocator
+        return RankGauges(
+            running=len(self.engine.scheduler.running),
+            waiting=self.loop.num_waiting,
+            kv_blocks_used=allocator.num_used,
+            kv_blocks_free=allocator.num_free,
+            expert_tokens=self.runner.expert_load.snapshot(),
+        )
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self.loop.stop(timeout_s)

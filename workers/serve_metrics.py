@@ -54,16 +54,16 @@ class RankMetrics(EngineObserver):
 
     def refresh(self, rank: AttentionRank) -> None:
         """Gauges from the engine as it is now; per-expert counts since the last refresh."""
-        tags = self.tags
-        self.running.set(len(rank.engine.scheduler.running), tags)
-        self.waiting.set(rank.loop.num_waiting, tags)
-        self.kv_used.set(rank.runner.allocator.num_used, tags)
-        self.kv_free.set(rank.runner.allocator.num_free, tags)
-        for layer, counts in rank.runner.expert_load.snapshot().items():
+        tags, now = self.tags, rank.gauges()
+        self.running.set(now.running, tags)
+        self.waiting.set(now.waiting, tags)
+        self.kv_used.set(now.kv_blocks_used, tags)
+        self.kv_free.set(now.kv_blocks_free, tags)
+        for layer, counts in now.expert_tokens.items():
             before = self._experts_reported.get(layer, [0] * len(counts))
-            for expert, (now, then) in enumerate(zip(counts, before, strict=True)):
-                if now > then:
-                    self.expert_tokens.inc(now - then, {**tags, "layer": str(layer), "expert": str(expert)})
+            for expert, (total, then) in enumerate(zip(counts, before, strict=True)):
+                if total > then:
+                    self.expert_tokens.inc(total - then, {**tags, "layer": str(layer), "expert": str(expert)})
             self._experts_reported[layer] = counts
 
     # EngineObserver (engine thread)

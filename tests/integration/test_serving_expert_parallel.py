@@ -16,13 +16,13 @@ import grpc
 import pytest
 import torch
 from conftest import MAIN_SETTINGS
-from serving_support import wait_until
+from serving_support import scrape, wait_until
 
 from moeserve.v1 import inference_pb2 as pb
 from moeserve.workers.client import InferenceClient, build_request
 from moeserve.workers.ep_rank import EPSettings
 from moeserve.workers.server.app import BackgroundServer, local_loader
-from moeserve.workers.server.ep_frontend import EPFrontend, ep_loader
+from moeserve.workers.server.ep_frontend import METRICS_PERIOD_S, EPFrontend, ep_loader
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 10.0  # collective timeout of the expert-parallel worlds here
@@ -51,7 +51,7 @@ def reference(serving_checkpoint: Path) -> list[tuple]:
 
 def ep_server(path: Path, attention: int, expert: int) -> BackgroundServer:
     settings = EPSettings(attention, expert, collective_timeout_s=TIMEOUT_S, startup_timeout_s=120)
-    return BackgroundServer(ep_loader(path, torch.float32, MAIN_SETTINGS, settings), metrics=False)
+    return BackgroundServer(ep_loader(path, torch.float32, MAIN_SETTINGS, settings))
 
 
 def frontend(server: BackgroundServer) -> EPFrontend:
@@ -77,6 +77,53 @@ def test_concurrent_greedy_outputs_match_the_single_process_server(
         assert (info.attention_ranks, info.expert_ranks) == (layout.attention_ranks, layout.expert_ranks)
     if layout.attention_ranks > 1:  # both attention ranks served some of them
         assert all(s["steps"] > 0 for s in frontend(server).rank_stats())
+
+
+def test_metrics_count_what_the_rank_engines_did(server: BackgroundServer, serving_checkpoint: Path) -> None:
+    """The engines run in rank processes; their events and gauges reach the front end's /metrics."""
+    from moeserve.workers.config import ModelConfig
+
+    config = ModelConfig.from_file(serving_checkpoint)
+
+    def totals() -> dict[str, float]:
+        values = scrape(server)
+        out = {k: v for k, v in values.items() if "{" not in k or k.startswith("moeserve_requests_total")}
+        for layer in config.moe_layers:
+            prefix = "moeserve_expert_tokens_total{"
+            out[f"layer {layer}"] = sum(
+                v for k, v in values.items() if k.startswith(prefix) and f'layer="{layer}"' in k
+            )
+        return out
+
+    time.sleep(2 * METRICS_PERIOD_S)  # what earlier tests did has been reported
+    before = totals()
+    reqs = greedy_requests()
+    with InferenceClient(server.address) as client, ThreadPoolExecutor(len(reqs)) as pool:
+        done = list(pool.map(client.generate, reqs))
+    generated = sum(c.completion_tokens for c in done)
+    forwarded = sum(c.prompt_tokens + c.completion_tokens - 1 for c in done)  # last token never fed back
+    want = {
+        "moeserve_generated_tokens_total": generated,
+        "moeserve_prompt_tokens_total": sum(c.prompt_tokens for c in done),
+        "moeserve_time_to_first_token_seconds_count": len(done),
+        "moeserve_inter_token_latency_seconds_count": generated - len(done),
+        'moeserve_requests_total{finish_reason="length"}': sum(c.finish_reason == "length" for c in done),
+        **{f"layer {layer}": config.num_experts_per_tok * forwarded for layer in config.moe_layers},
+    }
+
+    def caught_up() -> bool:
+        after = totals()
+        return {k: after[k] - before[k] for k in want} == want and after["moeserve_kv_blocks_used"] == 0
+
+    try:
+        wait_until(caught_up, timeout=5)
+    except AssertionError:
+        after = totals()
+        raise AssertionError(f"{ {k: after[k] - before[k] for k in want} } != {want}") from None
+    after = totals()
+    ep = frontend(server)  # its never-stepped engine twin has the ranks' allocator, all free
+    assert after["moeserve_kv_blocks_free"] == ep.layout.attention_ranks * ep.engine.runner.allocator.num_free
+    assert after["moeserve_requests_running"] == after["moeserve_requests_waiting"] == 0
 
 
 def test_bad_input_is_invalid_argument(server: BackgroundServer) -> None:

@@ -35,12 +35,13 @@ from moeserve.workers.ep_rank import EPSettings
 from moeserve.workers.ep_serving import AttentionRank, ServingRankSpec, join_world, run_expert_rank
 from moeserve.workers.kv_cache import BlockAllocator
 from moeserve.workers.server.convert import model_info
-from moeserve.workers.server.metrics import ServingMetrics
+from moeserve.workers.server.metrics import EventRecorder, RankGauges, ServingMetrics
 from moeserve.workers.server.servicer import Backend
 from moeserve.workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 STORE_HOST = "127.0.0.1"
+METRICS_PERIOD_S = 0.5  # how often attention ranks report engine events and gauges
 
 
 class ShapeRunner:
@@ -71,12 +72,19 @@ def _rank_main(rank: int, spec: ServingRankSpec, store_port: int, inbox: Any, ou
             run_expert_rank(spec, world)
             outbox.put(("stopped", rank, None))
             return
-        ranker = AttentionRank(spec, world, lambda key, out: outbox.put(("out", rank, (key, out))))
+        recorder = EventRecorder()
+        ranker = AttentionRank(
+            spec, world, lambda key, out: outbox.put(("out", rank, (key, out))), observer=recorder
+        )
         ranker.start()
         outbox.put(("ready", rank, None))
+        reported = 0.0
         while True:
+            if time.monotonic() - reported >= METRICS_PERIOD_S:  # the front end's /metrics
+                outbox.put(("metrics", rank, (recorder.drain(), ranker.gauges())))
+                reported = time.monotonic()
             try:
-                message = inbox.get(timeout=0.2)
+                message = inbox.get(timeout=METRICS_PERIOD_S / 2)
             except queue.Empty:
                 if ranker.loop.failure is not None:
                     raise ranker.loop.failure from None
@@ -92,6 +100,7 @@ def _rank_main(rank: int, spec: ServingRankSpec, store_port: int, inbox: Any, ou
                 outbox.put(("stats", rank, ranker.stats()))
             else:
                 ranker.stop()
+                outbox.put(("metrics", rank, (recorder.drain(), ranker.gauges())))
                 outbox.put(("stopped", rank, None))
                 return
     except BaseException as e:  # noqa: BLE001 - every failure is reported, then the process ends
@@ -109,8 +118,13 @@ class EPFrontend:
         spec: ServingRankSpec,
         tokenizer: Tokenizer | None,
         on_failure: Callable[[BaseException], None] | None = None,
+        metrics: ServingMetrics | None = None,
     ):
         self.spec = spec
+        self.metrics = metrics
+        self._gauges: dict[int, RankGauges] = {}  # attention rank -> its latest report
+        if metrics is not None:
+            metrics.bind_ranks(lambda: list(self._gauges.values()))
         self.layout = spec.ep.layout
         self.engine = validation_engine(spec, tokenizer)
         self.on_failure = on_failure
@@ -245,6 +259,10 @@ class EPFrontend:
                 self._ready.add(rank)
             elif kind == "stats":
                 self._stats[rank] = payload
+            elif kind == "metrics":
+                events, self._gauges[rank] = payload
+                if self.metrics is not None:
+                    self.metrics.apply(events)
             elif kind == "error" and not self._stopping:
                 self._fail(self._root_cause(rank, payload))
             if self._stopping and not any(p.is_alive() for p in self.procs):
@@ -317,7 +335,7 @@ def ep_loader(
         spec = ServingRankSpec(Path(model_path), replace(ep, dtype=dtype), settings)
         ep.expert_placement(ModelConfig.from_file(model_path))  # PlacementError before any process
         tokenizer = Tokenizer.from_model_dir(model_path)
-        frontend = EPFrontend(spec, tokenizer, on_failure).start()
+        frontend = EPFrontend(spec, tokenizer, on_failure, metrics).start()
         try:
             frontend.wait_ready(ep.startup_timeout_s)
         except BaseException:

@@ -3,12 +3,18 @@ process in tests). Every name starts with `contract.METRICS_PREFIX`.
 
 Counters and histograms are fed by the engine's observer hooks (on the engine thread); gauges
 (running, waiting, KV blocks) and the per-expert token counts are read from the engine when scraped,
-so they are current even while the engine is idle. Nothing here changes engine behaviour.
+so they are current even while the engine is idle. With local expert ranks the engines live in
+rank processes: there an `EventRecorder` collects the hook calls as plain data (`EngineEvents`)
+and `RankGauges` snapshots, which the front end relays into `apply` and `bind_ranks`.
+Nothing here changes engine behaviour.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -24,11 +30,68 @@ P = contract.METRICS_PREFIX
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+class ExpertCounts(Protocol):
+    def snapshot(self) -> dict[int, list[int]]:
+        """layer -> tokens routed to each expert so far."""
+        ...
+
+
+@dataclass
+class EngineEvents:
+    """Observer calls since the last drain, as plain data that can cross a process boundary."""
+
+    tokens: int = 0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    finished: dict[str, int] = field(default_factory=dict)  # finish reason -> requests
+    prompt_tokens: int = 0
+    preemptions: int = 0
+
+
+@dataclass(frozen=True)
+class RankGauges:
+    """An attention rank's engine as it is now (`AttentionRank.gauges`)."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    expert_tokens: dict[int, list[int]]  # layer -> tokens routed to each expert so far
+
+
+class EventRecorder(EngineObserver):
+    """Collects an engine's observer calls for a registry in another process; `drain` is thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events = EngineEvents()
+
+    def drain(self) -> EngineEvents:
+        with self._lock:
+            events, self._events = self._events, EngineEvents()
+        return events
+
+    def on_step(self, engine: Engine, num_tokens: int, num_preempted: int) -> None:
+        if num_preempted:
+            with self._lock:
+                self._events.preemptions += num_preempted
+
+    def on_token(self, request: Request, seconds_since_previous: float, first: bool) -> None:
+        with self._lock:
+            self._events.tokens += 1
+            (self._events.ttft if first else self._events.itl).append(seconds_since_previous)
+
+    def on_finish(self, request: Request, reason: FinishReason) -> None:
+        with self._lock:
+            self._events.finished[reason] = self._events.finished.get(reason, 0) + 1
+            self._events.prompt_tokens += len(request.prompt_ids)
+
+
 class _ExpertLoadCollector(Collector):
     """moeserve_expert_tokens_total{layer, expert}: tokens the router sent to each routed expert."""
 
     def __init__(self) -> None:
-        self.load: ExpertLoad | None = None
+        self.load: ExpertCounts | None = None
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(
@@ -84,6 +147,29 @@ class ServingMetrics(EngineObserver):
         self.kv_free.set_function(lambda: allocator.num_free)
         self._experts.load = expert_load
 
+    def bind_ranks(self, ranks: Callable[[], list[RankGauges]]) -> None:
+        """Read gauges and per-expert counts from the attention ranks' latest reports, summed."""
+        self.running.set_function(lambda: sum(g.running for g in ranks()))
+        self.waiting.set_function(lambda: sum(g.waiting for g in ranks()))
+        self.kv_used.set_function(lambda: sum(g.kv_blocks_used for g in ranks()))
+        self.kv_free.set_function(lambda: sum(g.kv_blocks_free for g in ranks()))
+        self._experts.load = _SummedExpertCounts(ranks)
+
+    def apply(self, events: EngineEvents) -> None:
+        """Record events an `EventRecorder` collected elsewhere, as if this registry had observed them."""
+        if events.tokens:
+            self.generated_tokens.inc(events.tokens)
+        for seconds in events.ttft:
+            self.ttft.observe(seconds)
+        for seconds in events.itl:
+            self.itl.observe(seconds)
+        for reason, n in events.finished.items():
+            self.requests.labels(reason).inc(n)
+        if events.prompt_tokens:
+            self.prompt_tokens.inc(events.prompt_tokens)
+        if events.preemptions:
+            self.preemptions.inc(events.preemptions)
+
     # EngineObserver
     def on_step(self, engine: Engine, num_tokens: int, num_preempted: int) -> None:
         if num_preempted:
@@ -96,3 +182,16 @@ class ServingMetrics(EngineObserver):
     def on_finish(self, request: Request, reason: FinishReason) -> None:
         self.requests.labels(reason).inc()
         self.prompt_tokens.inc(len(request.prompt_ids))
+
+
+class _SummedExpertCounts:
+    def __init__(self, ranks: Callable[[], list[RankGauges]]):
+        self.ranks = ranks
+
+    def snapshot(self) -> dict[int, list[int]]:
+        total: dict[int, list[int]] = {}
+        for gauges in self.ranks():
+            for layer, counts in gauges.expert_tokens.items():
+                have = total.setdefault(layer, [0] * len(counts))
+                total[layer] = [a + b for a, b in zip(have, counts, strict=True)]
+        return total
