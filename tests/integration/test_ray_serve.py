@@ -331,6 +331,24 @@ def test_a_killed_expert_actor_ends_the_stream_unavailable_and_the_instance_reco
         assert statuses["moeserve.v1.Inference/available"] == {serving}, statuses
 
 
+def test_a_killed_attention_actor_rebuilds_its_instance(address: str, reference: list[tuple]) -> None:
+    from grpc_health.v1 import health_pb2
+
+    victim_name, victim = sorted(rank_actors("attention").items())[0]
+    ray.kill(victim, no_restart=True)
+    deadline = time.monotonic() + 20
+    while health(address) != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < deadline, "health never said NOT_SERVING after the kill"
+        time.sleep(0.05)
+    deadline = time.monotonic() + 60
+    while health(address) != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "the instance did not recover within 60 s"
+        time.sleep(0.2)
+    assert outputs(address, requests() * 2) == reference * 2
+    attention = rank_actors("attention")
+    assert len(attention) == 2 and victim_name not in attention
+
+
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
