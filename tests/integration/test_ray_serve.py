@@ -133,13 +133,23 @@ def test_serve_cli_with_ray_serves_then_stops_cleanly_on_sigterm(serving_checkpo
         for line in proc.stdout:
             if "serving through Ray Serve" in line:
                 break
+        threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe from filling
         with InferenceClient(f"127.0.0.1:{port}") as client:
             done = client.generate(build_request(None, [3, 4, 5], max_tokens=4, temperature=0.0))
-        assert done.completion_tokens == 4
-        assert any(k.startswith("ray_") for k in scrape(metrics_port, "ray_"))  # Ray's metrics agent
-        ray_processes = psutil.Process(proc.pid).children(recursive=True)  # raylet, GCS, workers
-        assert ray_processes
-        proc.send_signal(signal.SIGTERM)
+            assert done.completion_tokens == 4
+            assert any(k.startswith("ray_") for k in scrape(metrics_port, "ray_"))  # Ray's metrics agent
+            ray_processes = psutil.Process(proc.pid).children(recursive=True)  # raylet, GCS, workers
+            assert ray_processes
+            call = client.stream(build_request(None, list(range(2, 30)), max_tokens=220, ignore_eos=True))
+            next(call)
+            proc.send_signal(signal.SIGTERM)  # with a stream in flight: it must end, not hang
+            started = time.monotonic()
+            try:
+                for _ in call:
+                    pass
+            except grpc.RpcError as e:
+                assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), e
+            assert time.monotonic() - started < 60
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
