@@ -26,6 +26,7 @@ What a MoEService becomes, and why bare pods:
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
@@ -102,6 +103,10 @@ def config_map_name(service: str) -> str:
     return f"{service}-serve-config"
 
 
+def auth_secret_name(service: str) -> str:
+    return f"{service}-ray-auth"
+
+
 def endpoint(owner: Owner, spec: MoEServiceSpec) -> str:
     """host:port of the client Service, as clients inside the cluster dial it."""
     return f"{owner.name}.{owner.namespace}.svc:{spec.serving.grpc_port}"
@@ -164,6 +169,33 @@ def config_map(owner: Owner, spec: MoEServiceSpec) -> Manifest:
         "metadata": _metadata(owner, config_map_name(owner.name), None),
         "data": data,
     }
+
+
+def auth_secret(owner: Owner, token: str) -> Manifest:
+    """The Ray cluster's authentication token. Created once with a fresh random token and never
+    rewritten (pods and the operator read it); deleted with the MoEService."""
+    encoded = base64.b64encode(token.encode()).decode()
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(owner, auth_secret_name(owner.name), None),
+        "type": "Opaque",
+        "data": {contract.RAY_AUTH_SECRET_KEY: encoded},
+    }
+
+
+def auth_token(secret: Mapping[str, Any]) -> str:
+    """The token an auth Secret holds."""
+    return base64.b64decode(secret["data"][contract.RAY_AUTH_SECRET_KEY]).decode()
+
+
+def _ray_auth_env(owner: Owner) -> list[Manifest]:
+    """Token authentication on, with the MoEService's token, for every Ray process of the pod."""
+    ref = {"name": auth_secret_name(owner.name), "key": contract.RAY_AUTH_SECRET_KEY}
+    return [
+        {"name": contract.ENV_RAY_AUTH_MODE, "value": "token"},
+        {"name": contract.ENV_RAY_AUTH_TOKEN, "valueFrom": {"secretKeyRef": ref}},
+    ]
 
 
 # -- Services -------------------------------------------------------------------------------------
@@ -238,6 +270,7 @@ def head_pod(owner: Owner, spec: MoEServiceSpec) -> Manifest:
         "name": "ray-head",
         "image": spec.image,
         "command": command,
+        "env": _ray_auth_env(owner),
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
         "resources": _resources(spec.head_resources, gpus=0),
         "readinessProbe": {
@@ -281,6 +314,7 @@ def worker_template(owner: Owner, spec: MoEServiceSpec, role: Role) -> Manifest:
         "name": f"ray-{role}",
         "image": spec.image,
         "command": command,
+        "env": _ray_auth_env(owner),
         "resources": _resources(group.resources, gpus=group.gpus_per_rank),
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
         "ports": [

@@ -24,6 +24,7 @@ PREFIXES = {
     "pods": "/api/v1",
     "services": "/api/v1",
     "configmaps": "/api/v1",
+    "secrets": "/api/v1",
     contract.PLURAL: f"/apis/{contract.API_GROUP}/{contract.API_VERSION}",
 }
 MERGE_PATCH = "application/merge-patch+json"

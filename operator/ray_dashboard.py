@@ -43,34 +43,41 @@ class ServeClient:
         self.timeout_s = timeout_s
         """Seconds for each HTTP request, connecting included."""
 
-    def applications(self, base_url: str) -> dict[str, Any]:
-        answer = self._request("GET", base_url)
+    def applications(self, base_url: str, token: str | None = None) -> dict[str, Any]:
+        answer = self._request("GET", base_url, token)
         apps: dict[str, Any] = (answer or {}).get("applications") or {}
         return apps
 
-    def deploy(self, base_url: str, document: Mapping[str, Any]) -> None:
-        self._request("PUT", base_url, document)
+    def deploy(self, base_url: str, document: Mapping[str, Any], token: str | None = None) -> None:
+        self._request("PUT", base_url, token, document)
 
-    def sync(self, base_url: str, document: Mapping[str, Any], app_name: str) -> ServeState:
-        """Make Ray run exactly `document`'s applications; report the state of `app_name`."""
-        running = self.applications(base_url)
+    def sync(
+        self, base_url: str, document: Mapping[str, Any], app_name: str, token: str | None = None
+    ) -> ServeState:
+        """Make Ray run exactly `document`'s applications; report the state of `app_name`.
+        `token`: the cluster's Ray auth token, sent as a bearer token."""
+        running = self.applications(base_url, token)
         wanted = document["applications"]
         if not wanted:
             if running:
-                self.deploy(base_url, document)
+                self.deploy(base_url, document, token)
                 return ServeState("DELETING", "removing the Serve application", deployed=True)
             return ServeState(ABSENT)
         current = running.get(app_name)
         if current is None or not same_application(current.get("deployed_app_config"), wanted[0]):
-            self.deploy(base_url, document)
+            self.deploy(base_url, document, token)
             return ServeState("DEPLOYING", "Serve application submitted", deployed=True)
         return ServeState(str(current.get("status", "NOT_STARTED")), str(current.get("message", "")))
 
-    def _request(self, method: str, base_url: str, body: Mapping[str, Any] | None = None) -> Any:
+    def _request(
+        self, method: str, base_url: str, token: str | None, body: Mapping[str, Any] | None = None
+    ) -> Any:
         url = base_url.rstrip("/") + contract.RAY_SERVE_APPLICATIONS_PATH
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(url, data=data, method=method)
         request.add_header("Accept", "application/json")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:

@@ -15,6 +15,7 @@ status. It does not import kopf: `handlers.py` translates outcomes into kopf's e
 from __future__ import annotations
 
 import logging
+import secrets as secrets_module
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -68,6 +69,7 @@ class _Actual:
     pods: list[Manifest] = field(default_factory=list)
     services: dict[str, Manifest] = field(default_factory=dict)
     config_maps: dict[str, Manifest] = field(default_factory=dict)
+    secrets: dict[str, Manifest] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -146,6 +148,7 @@ class Reconciler:
         serve = ServeReport("NotAttempted")
         try:
             actual = self._list(owner)
+            token = self._ray_auth_token(owner, actual.secrets)
             self._ensure(owner, "configmaps", desired.config_map, actual.config_maps)
             for service in desired.services:
                 self._ensure(owner, "services", service, actual.services)
@@ -156,7 +159,7 @@ class Reconciler:
                     reports.append(self._group(body, owner, group, actual.pods, head_uid))
             self._delete_strays(owner, desired, actual)
             if head_report.running and not any(r.restart for r in reports):
-                serve = self._serve(body, owner, builders.serve_deploy_document(spec))
+                serve = self._serve(body, owner, builders.serve_deploy_document(spec), token)
         except Rejected as err:
             rejected = str(err)
             log.warning("%s/%s: %s", owner.namespace, owner.name, err)
@@ -183,7 +186,21 @@ class Reconciler:
             pods=ours(self.kube.find("pods", ns, selector)),
             services={s["metadata"]["name"]: s for s in ours(self.kube.find("services", ns, selector))},
             config_maps={c["metadata"]["name"]: c for c in ours(self.kube.find("configmaps", ns, selector))},
+            secrets={c["metadata"]["name"]: c for c in ours(self.kube.find("secrets", ns, selector))},
         )
+
+    def _ray_auth_token(self, owner: Owner, secrets: Mapping[str, Manifest]) -> str:
+        """The Ray cluster's token: from its Secret, which is created (random token) if missing and
+        never rewritten: pods already started hold the token they were given."""
+        name = builders.auth_secret_name(owner.name)
+        secret = secrets.get(name)
+        if secret is None:
+            secret = self._create(owner, "secrets", builders.auth_secret(owner, secrets_module.token_hex(32)))
+            if secret is None:  # made by a racing pass: read it
+                secret = self.kube.get("secrets", owner.namespace, name)
+            if secret is None:
+                raise Rejected(f"secrets {name} vanished while being created")
+        return builders.auth_token(secret)
 
     def _ensure(self, owner: Owner, kind: str, desired: Manifest, existing: Mapping[str, Manifest]) -> None:
         """Create `desired`, or patch the fields it sets where the existing object differs."""
@@ -302,7 +319,7 @@ class Reconciler:
             if name != desired.config_map["metadata"]["name"]:
                 self.kube.delete("configmaps", owner.namespace, name, config_map["metadata"]["uid"])
 
-    def _serve(self, body: Mapping[str, Any], owner: Owner, document: Manifest) -> ServeReport:
+    def _serve(self, body: Mapping[str, Any], owner: Owner, document: Manifest, token: str) -> ServeReport:
         """Sync the Serve application with the head's dashboard, at most as often as the backoff allows."""
         state = self._backoff.setdefault(owner.uid, _Backoff())
         now = self.clock()
@@ -314,7 +331,7 @@ class Reconciler:
             port=contract.RAY_DASHBOARD_PORT,
         )
         try:
-            result = self.serve.sync(url, document, contract.SERVE_APP_NAME)
+            result = self.serve.sync(url, document, contract.SERVE_APP_NAME, token)
         except DashboardError as err:
             state.failures += 1
             delay = min(2.0 ** (state.failures - 1), self.settings.dashboard_retry_max_s)

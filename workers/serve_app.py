@@ -41,6 +41,7 @@ from moeserve.workers.server.ep_frontend import validation_engine
 from moeserve.workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+APP_NAME = "moeserve"  # the Serve application `moeserve serve --ray` runs
 HEALTH_SERVICE = "moeserve.v1.Inference"
 HEALTH_SERVICE_AVAILABLE = HEALTH_SERVICE + "/available"
 HEARTBEAT_S = 1.0  # an instance re-reports its readiness this often, and at once when it changes
@@ -249,7 +250,8 @@ def _raise_stop(*_: object) -> None:
 
 def run_with_ray(cfg: ServeAppConfig, ray_address: str | None, host: str = "0.0.0.0") -> None:
     """`moeserve serve --ray`: start (or join) Ray, run the app behind Serve's gRPC proxy until
-    SIGINT/SIGTERM, then shut Serve and Ray down."""
+    SIGINT/SIGTERM. Then a Ray it started is shut down with Serve; on a cluster it joined only this
+    app is deleted (Serve and the cluster, perhaps shared, keep running)."""
     import os
     import signal
     import threading
@@ -276,14 +278,17 @@ def run_with_ray(cfg: ServeAppConfig, ray_address: str | None, host: str = "0.0.
             port=cfg.ports.grpc, grpc_servicer_functions=list(contract.SERVE_GRPC_SERVICER_FUNCTIONS)
         )
         serve.start(http_options={"host": host, "port": 0}, grpc_options=grpc_options)
-        serve.run(app, name="moeserve")
+        serve.run(app, name=APP_NAME)
         metrics = "" if ray_address else f", metrics on :{cfg.ports.metrics}{contract.METRICS_PATH}"
         print(f"moeserve: serving through Ray Serve's gRPC proxy on :{cfg.ports.grpc}{metrics}", flush=True)
         threading.Event().wait()
     except _Stop:
-        log.info("signal received; shutting down Serve and Ray")
+        log.info("signal received; stopping")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
-        serve.shutdown()
+        if ray_address:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
         ray.shutdown()

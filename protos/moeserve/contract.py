@@ -55,6 +55,11 @@ RAY_DASHBOARD_PORT: Final = 8265
 RAY_DASHBOARD_PORT_NAME: Final = "dashboard"
 RAY_SERVE_APPLICATIONS_PATH: Final = "/api/serve/applications/"  # Ray's Serve REST API (PUT, GET)
 # Ray custom resources: one unit per worker pod; each rank's actor asks for one unit of its role's.
+# Ray token authentication (Ray >= 2.52): every Ray pod of a MoEService reads one token from a
+# Secret the operator creates; the operator sends it to the dashboard as a bearer token.
+ENV_RAY_AUTH_MODE: Final = "RAY_AUTH_MODE"
+ENV_RAY_AUTH_TOKEN: Final = "RAY_AUTH_TOKEN"
+RAY_AUTH_SECRET_KEY: Final = "token"
 RAY_RESOURCE_ATTENTION: Final = "moeserve_attention"
 RAY_RESOURCE_EXPERT: Final = "moeserve_expert"
 

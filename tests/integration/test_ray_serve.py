@@ -158,6 +158,61 @@ def test_serve_cli_with_ray_serves_then_stops_cleanly_on_sigterm(serving_checkpo
     assert not alive, f"Ray processes left behind: {[p.name() for p in alive]}"
 
 
+def test_serve_cli_joins_a_token_authenticated_cluster_and_leaves_it_running(
+    serving_checkpoint: Path,
+) -> None:
+    """`--ray-address` on a cluster started elsewhere with Ray token authentication, as the operator
+    starts its pods: the app serves, the operator's dashboard client sees it with the token (and is
+    refused without), and on SIGTERM only the app goes."""
+    import os
+    import secrets
+
+    from moeserve.operator.ray_dashboard import DashboardError, ServeClient
+
+    gcs, dashboard, port = free_port(), free_port(), free_port()
+    address, token = f"127.0.0.1:{gcs}", secrets.token_hex(32)
+    env = {**os.environ, contract.ENV_RAY_AUTH_MODE: "token", contract.ENV_RAY_AUTH_TOKEN: token}
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    start = [*ray_cli, "start", "--head", f"--port={gcs}", "--num-cpus=8", "--disable-usage-stats"]
+    start += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"]
+    subprocess.run(start, check=True, capture_output=True, timeout=120, env=env)
+    try:
+        cmd = [sys.executable, "-m", "moeserve.workers.cli", "serve", "--ray", "--ray-address", address]
+        cmd += ["--model", str(serving_checkpoint), "--port", str(port), "--max-model-len", "256"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if "serving through Ray Serve" in line:
+                    break
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            with InferenceClient(f"127.0.0.1:{port}") as client:
+                done = client.generate(build_request(None, [3, 4, 5], max_tokens=4, temperature=0.0))
+            assert done.completion_tokens == 4
+            url = f"http://127.0.0.1:{dashboard}"
+            apps = ServeClient(timeout_s=30).applications(url, token)
+            assert apps[contract.SERVE_APP_NAME]["status"] == "RUNNING"
+            with pytest.raises(DashboardError, match="HTTP 401") as refused:
+                ServeClient(timeout_s=30).applications(url)
+            assert refused.value.reachable
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        probe = (  # the cluster still answers, and the moeserve app is gone from it
+            "import ray; from ray import serve; "
+            f"ray.init(address='{address}', log_to_driver=False); "
+            "print(sorted(serve.status().applications))"
+        )
+        apps_left = subprocess.run(
+            [sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=120, env=env
+        )
+        assert apps_left.stdout.strip().splitlines()[-1] == "[]", apps_left.stdout
+    finally:
+        subprocess.run([*ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+
+
 def test_grpc_through_serve_matches_the_single_process_server(address: str, reference: list[tuple]) -> None:
     assert outputs(address, requests()) == reference
     with InferenceClient(address) as client:

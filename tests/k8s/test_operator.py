@@ -283,10 +283,14 @@ def test_chart_installs_the_crd_and_an_operator_with_least_privilege(
         ("delete", "pods"),
         ("patch", "moeservices.moeserve.io/status"),
         ("create", "events"),
+        ("create", "secrets"),  # each MoEService's Ray auth token: created once, then read
+        ("get", "secrets"),
     ):
         assert can(*allowed, ns), allowed
     for denied in (
-        ("get", "secrets", ns),
+        ("patch", "secrets", ns),
+        ("delete", "secrets", ns),
+        ("get", "secrets", "--namespace=default"),
         ("create", "deployments", ns),
         ("update", "moeservices.moeserve.io", ns),
         ("create", "pods", "--namespace=default"),
@@ -450,8 +454,14 @@ def test_example_gets_every_child_and_a_status_that_says_what_is_missing(
     assert set(services) == {name, f"{name}-head"}
     assert {p["port"] for p in services[f"{name}-head"]["spec"]["ports"]} == {6379, 8265, 9000}
     (config_map,) = cluster.objects("configmaps", ns, f"{contract.LABEL_SERVICE}={name}")
-    for obj in [*services.values(), config_map]:
+    (secret,) = cluster.objects("secrets", ns, f"{contract.LABEL_SERVICE}={name}")  # the Ray auth token
+    assert secret["metadata"]["name"] == f"{name}-ray-auth" and len(secret["data"]["token"]) > 40
+    for obj in [*services.values(), config_map, secret]:
         assert [r["uid"] for r in obj["metadata"]["ownerReferences"]] == [uid]
+    for pod in pods.values():  # every Ray process authenticates with it
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == f"{name}-ray-auth"
     cfg = ServeAppConfig.from_dict(json.loads(config_map["data"][contract.SERVE_CONFIG_KEY]))
     assert (cfg.replicas, cfg.attention_ranks, cfg.expert_ranks, cfg.model.path) == (
         1,

@@ -7,6 +7,7 @@ validates every PUT with ServeAppConfig, as the Serve app builder would.
 
 from __future__ import annotations
 
+import base64
 import copy
 import itertools
 import json
@@ -34,7 +35,12 @@ class FakeKube:
     """Just enough of an API server: names are unique per kind, uids are new per object."""
 
     def __init__(self) -> None:
-        self.objects: dict[str, dict[str, Manifest]] = {"pods": {}, "services": {}, "configmaps": {}}
+        self.objects: dict[str, dict[str, Manifest]] = {
+            "pods": {},
+            "services": {},
+            "configmaps": {},
+            "secrets": {},
+        }
         self.writes: list[tuple[str, str, str]] = []
         self.refuse: set[str] = set()
         self._uids = itertools.count()
@@ -120,14 +126,17 @@ class FakeDashboard:
     def __init__(self) -> None:
         self.applications: dict[str, Manifest] = {}
         self.puts: list[Manifest] = []
+        self.authorizations: list[str | None] = []  # the Authorization header of every request
         self.status_after_put = "DEPLOYING"
         dashboard = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
+                dashboard.authorizations.append(self.headers.get("Authorization"))
                 self._answer(200, {"applications": dashboard.applications})
 
             def do_PUT(self) -> None:  # noqa: N802
+                dashboard.authorizations.append(self.headers.get("Authorization"))
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 for app in body["applications"]:
                     ServeAppConfig.from_dict(app["args"])  # what build_app runs first
@@ -205,7 +214,7 @@ def test_first_pass_creates_every_child_the_second_records_group_sizes_then_noth
     reconcile(r, kube)
     created = sorted(name for verb, _, name in kube.writes if verb == "create")
     assert created == sorted(
-        ["demo", "demo-head", "demo-serve-config", "demo-head"]
+        ["demo", "demo-head", "demo-serve-config", "demo-head", "demo-ray-auth"]
         + [f"demo-attention-{i}" for i in range(4)]
         + [f"demo-expert-{i}" for i in range(4)]
     )
@@ -282,6 +291,8 @@ def test_the_serve_application_is_deployed_once_and_running_makes_the_service_re
     dashboard.applications[contract.SERVE_APP_NAME]["status"] = "RUNNING"
     status = reconcile(r, kube)
     assert len(dashboard.puts) == 1  # unchanged config: no second PUT
+    token = base64.b64decode(kube.objects["secrets"]["demo-ray-auth"]["data"]["token"]).decode()
+    assert len(token) == 64 and dashboard.authorizations == [f"Bearer {token}"] * 3
     ready = kube.condition("Ready")
     assert (ready["status"], ready["message"]) == ("True", "serving on demo.models.svc:9000")
     assert (status["phase"], status["readyReplicas"]) == ("Ready", 1)
@@ -419,3 +430,22 @@ def test_api_failures_are_classified_for_retry_or_report(
     assert isinstance(error, kind) and body["message"] in str(error) and f"HTTP {status}" in str(error)
     if delay is not None:
         assert isinstance(error, Retryable) and error.delay_s == delay
+
+
+def test_the_ray_auth_token_is_made_once_and_every_ray_pod_reads_it() -> None:
+    kube = FakeKube()
+    kube.add_moeservice(moeservice())
+    r, _ = reconciler(kube, closed_port_url())
+    reconcile(r, kube)
+    secret = kube.objects["secrets"]["demo-ray-auth"]
+    assert [ref["uid"] for ref in secret["metadata"]["ownerReferences"]] == ["moe-uid"]
+    kube.objects["secrets"]["demo-ray-auth"]["data"]["token"] = base64.b64encode(b"rotated-by-hand").decode()
+    kube.writes.clear()
+    reconcile(r, kube)
+    assert not [w for w in kube.writes if w[1] == "secrets"]  # never rewritten
+    for pod in kube.objects["pods"].values():
+        (container,) = pod["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "demo-ray-auth", "key": "token"}

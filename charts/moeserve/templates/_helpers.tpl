@@ -45,6 +45,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [services, configmaps]
   verbs: [get, list, create, patch, delete]
 - apiGroups: [""]
+  resources: [secrets]  # each MoEService's Ray auth token: created once, then read
+  verbs: [get, list, create]
+- apiGroups: [""]
   resources: [events]
   verbs: [create]
 {{- end -}}
