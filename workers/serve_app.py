@@ -95,9 +95,6 @@ class InstanceHealth:
     async def report(self, instance: str, ready: bool) -> None:
         self._seen[instance] = (ready, time.monotonic())
 
-    async def leave(self, instance: str) -> None:
-        self._seen.pop(instance, None)
-
     async def ready_instances(self) -> tuple[int, int]:
         """(instances heard from within `STALE_S`, how many of them are ready)."""
         now = time.monotonic()

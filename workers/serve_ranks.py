@@ -73,9 +73,12 @@ class AttentionRankActor:
 
         ranker: AttentionRank = await asyncio.to_thread(start)
         self.ranker = ranker
-        while ranker.loop.alive:
-            self.metrics.refresh(ranker)
-            await asyncio.sleep(METRICS_REFRESH_S)
+        refreshed = 0.0
+        while ranker.loop.alive:  # checked often: a failed loop must end `run` (the supervisor waits on it)
+            if time.monotonic() - refreshed >= METRICS_REFRESH_S:
+                self.metrics.refresh(ranker)
+                refreshed = time.monotonic()
+            await asyncio.sleep(0.1)
         if ranker.loop.failure is not None:
             raise RuntimeError(f"{ranker.world.name} failed: {ranker.loop.failure!r}")
 
