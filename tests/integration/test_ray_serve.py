@@ -281,6 +281,11 @@ def test_engine_metrics_reach_rays_metrics_endpoint(
 
     config = ModelConfig.from_file(serving_checkpoint)
     before = scrape(metrics_port)
+    for _ in range(20):  # until earlier tests' counts are exported: two scrapes a second apart agree
+        time.sleep(1.0)
+        now, before = before, scrape(metrics_port)
+        if now == before:
+            break
     reqs = requests()
     with InferenceClient(address) as client, ThreadPoolExecutor(len(reqs)) as pool:
         done = list(pool.map(client.generate, reqs))
