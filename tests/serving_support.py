@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+import grpc
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,6 +27,23 @@ def scrape(server: BackgroundServer) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return values
+
+
+def drain_in_background(call: Iterable[object]) -> tuple[threading.Thread, list[grpc.RpcError]]:
+    """Read a streaming call to its end on a started thread; the RpcError that ended it, if any,
+    lands in the returned list."""
+    errors: list[grpc.RpcError] = []
+
+    def drain() -> None:
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError as e:
+            errors.append(e)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    return reader, errors
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -30,6 +30,7 @@ from moeserve import contract
 from moeserve.workers.engine.request import RequestOutput, SamplingParams
 from moeserve.workers.ep_serving import AttentionRank, ServingRankSpec, join_world, run_expert_rank
 from moeserve.workers.serve_metrics import RankMetrics
+from moeserve.workers.server.metrics import EventRecorder
 
 log = logging.getLogger(__name__)
 METRICS_REFRESH_S = 0.5
@@ -44,6 +45,7 @@ class AttentionRankActor:
         self.spec = spec
         self.rank = rank
         self.metrics = RankMetrics(instance, rank)
+        self.events = EventRecorder()  # the engine thread records; `run` hands them to `metrics`
         self.ranker: AttentionRank | None = None
         self._queues: dict[int, asyncio.Queue[RequestOutput]] = {}
         self._store: dist.TCPStore | None = None
@@ -67,7 +69,7 @@ class AttentionRankActor:
 
         def start() -> AttentionRank:
             world = join_world(self.spec, self.rank, host, port)
-            ranker = AttentionRank(self.spec, world, on_output, self.metrics)
+            ranker = AttentionRank(self.spec, world, on_output, self.events)
             ranker.start()
             return ranker
 
@@ -76,7 +78,7 @@ class AttentionRankActor:
         refreshed = 0.0
         while ranker.loop.alive:  # checked often: a failed loop must end `run` (the supervisor waits on it)
             if time.monotonic() - refreshed >= METRICS_REFRESH_S:
-                self.metrics.refresh(ranker)
+                self.metrics.record(self.events.drain(), ranker.gauges())
                 refreshed = time.monotonic()
             await asyncio.sleep(0.1)
         if ranker.loop.failure is not None:

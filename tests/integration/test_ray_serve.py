@@ -20,6 +20,7 @@ import psutil
 import pytest
 import torch
 from conftest import MAIN_SETTINGS
+from serving_support import drain_in_background
 
 from moeserve import contract
 from moeserve.serve_config import ServeConfigError
@@ -343,15 +344,6 @@ def test_a_killed_expert_actor_ends_the_stream_unavailable_and_the_instance_reco
         assert len(busy) == 1
         instance = busy[0].rsplit("-attention-", 1)[0]
         victim = next(a for n, a in rank_actors("expert").items() if n.startswith(instance + "-"))
-        errors: list[grpc.RpcError] = []
-
-        def drain() -> None:
-            try:
-                for _ in call:
-                    pass
-            except grpc.RpcError as e:
-                errors.append(e)
-
         statuses: dict[str, set[int]] = {"": set(), "moeserve.v1.Inference/available": set()}
         watching = threading.Event()
 
@@ -361,10 +353,9 @@ def test_a_killed_expert_actor_ends_the_stream_unavailable_and_the_instance_reco
                     seen.add(health(address, service))
                 time.sleep(0.05)
 
-        reader = threading.Thread(target=drain)
         watcher = threading.Thread(target=watch_health)
-        reader.start()
         watcher.start()
+        reader, errors = drain_in_background(call)
         ray.kill(victim, no_restart=True)
         reader.join(TIMEOUT_S + 20)
         assert not reader.is_alive(), "the stream hung"

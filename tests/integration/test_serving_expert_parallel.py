@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ import grpc
 import pytest
 import torch
 from conftest import MAIN_SETTINGS
-from serving_support import scrape, wait_until
+from serving_support import drain_in_background, scrape, wait_until
 
 from moeserve.v1 import inference_pb2 as pb
 from moeserve.workers.client import InferenceClient, build_request
@@ -166,17 +165,7 @@ def test_a_killed_expert_rank_ends_streams_unavailable_and_health_not_serving(
         assert client.health() == "SERVING"
         call = client.stream(build_request(None, list(range(2, 30)), max_tokens=220, ignore_eos=True))
         next(call)
-        errors: list[grpc.RpcError] = []
-
-        def drain() -> None:
-            try:
-                for _ in call:
-                    pass
-            except grpc.RpcError as e:
-                errors.append(e)
-
-        reader = threading.Thread(target=drain)
-        reader.start()
+        reader, errors = drain_in_background(call)
         started = time.monotonic()
         os.kill(frontend(server).pid(2), signal.SIGKILL)  # global rank 2: the second expert rank
         reader.join(TIMEOUT_S + 10)

@@ -27,6 +27,20 @@ from moeserve.workers.engine.request import FinishReason, Request
 from moeserve.workers.engine.runner import ExpertLoad
 
 P = contract.METRICS_PREFIX
+# Every metric once: name (after the prefix) -> help text; the Ray path (serve_metrics.py) uses the same.
+HELP = {
+    "requests": "Finished requests by finish reason",
+    "prompt_tokens": "Prompt tokens of finished requests",
+    "generated_tokens": "Tokens generated",
+    "preemptions": "Requests preempted for lack of KV blocks",
+    "time_to_first_token_seconds": "From arrival to the first generated token",
+    "inter_token_latency_seconds": "Between consecutive generated tokens of one request",
+    "requests_running": "Requests in the running batch",
+    "requests_waiting": "Requests waiting to be admitted",
+    "kv_blocks_used": "KV-cache blocks holding tokens",
+    "kv_blocks_free": "KV-cache blocks free",
+    "expert_tokens": "Tokens routed to each routed expert, by MoE layer",
+}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -94,11 +108,7 @@ class _ExpertLoadCollector(Collector):
         self.load: ExpertCounts | None = None
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(
-            f"{P}expert_tokens",
-            "Tokens routed to each routed expert, by MoE layer",
-            labels=["layer", "expert"],
-        )
+        family = CounterMetricFamily(f"{P}expert_tokens", HELP["expert_tokens"], labels=["layer", "expert"])
         if self.load is not None:
             for layer, counts in self.load.snapshot().items():
                 for expert, n in enumerate(counts):
@@ -110,30 +120,20 @@ class ServingMetrics(EngineObserver):
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            f"{P}requests", "Finished requests by finish reason", ["finish_reason"], registry=r
-        )
+        self.requests = Counter(f"{P}requests", HELP["requests"], ["finish_reason"], registry=r)
         for reason in ("stop", "length", "abort"):
             self.requests.labels(reason)
-        self.prompt_tokens = Counter(f"{P}prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generated_tokens = Counter(f"{P}generated_tokens", "Tokens generated", registry=r)
-        self.preemptions = Counter(f"{P}preemptions", "Requests preempted for lack of KV blocks", registry=r)
-        self.ttft = Histogram(
-            f"{P}time_to_first_token_seconds",
-            "From arrival to the first generated token",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.prompt_tokens = Counter(f"{P}prompt_tokens", HELP["prompt_tokens"], registry=r)
+        self.generated_tokens = Counter(f"{P}generated_tokens", HELP["generated_tokens"], registry=r)
+        self.preemptions = Counter(f"{P}preemptions", HELP["preemptions"], registry=r)
+        self.ttft, self.itl = (
+            Histogram(f"{P}{name}", HELP[name], buckets=LATENCY_BUCKETS, registry=r)
+            for name in ("time_to_first_token_seconds", "inter_token_latency_seconds")
         )
-        self.itl = Histogram(
-            f"{P}inter_token_latency_seconds",
-            "Between consecutive generated tokens of one request",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.running = Gauge(f"{P}requests_running", "Requests in the running batch", registry=r)
-        self.waiting = Gauge(f"{P}requests_waiting", "Requests waiting to be admitted", registry=r)
-        self.kv_used = Gauge(f"{P}kv_blocks_used", "KV-cache blocks holding tokens", registry=r)
-        self.kv_free = Gauge(f"{P}kv_blocks_free", "KV-cache blocks free", registry=r)
+        self.running = Gauge(f"{P}requests_running", HELP["requests_running"], registry=r)
+        self.waiting = Gauge(f"{P}requests_waiting", HELP["requests_waiting"], registry=r)
+        self.kv_used = Gauge(f"{P}kv_blocks_used", HELP["kv_blocks_used"], registry=r)
+        self.kv_free = Gauge(f"{P}kv_blocks_free", HELP["kv_blocks_free"], registry=r)
         self._experts = _ExpertLoadCollector()
         r.register(self._experts)
 
