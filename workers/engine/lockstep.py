@@ -67,15 +67,7 @@ class LockstepLoop(EngineLoop):
                     engine.runner.step([])
         except BaseException as e:  # noqa: BLE001 - every failure must reach the requests and the health check
             log.exception("%s: lockstep step failed", self.world.name)
-            with self._cond:
-                self.failure = e
-            for request in self._drain_inbox()[0]:
-                engine.add(request)
-            try:
-                engine.abort_all("failed", repr(e))
-            finally:
-                if self.on_failure is not None:
-                    self.on_failure(e)
+            self._fail(e)
 
 
 def serve_experts(server: ExpertServer, stop: threading.Event | None = None, idle_s: float = IDLE_S) -> int:

@@ -151,13 +151,18 @@ class EngineLoop:
                     engine.execute(plan)
         except BaseException as e:  # noqa: BLE001 - every failure must reach the requests and the health check
             log.exception("engine step failed")
-            with self._cond:
-                self.failure = e
-                inbox, self._inbox = self._inbox, []
-            for request in inbox:
-                engine.add(request)
-            try:
-                engine.abort_all("failed", repr(e))
-            finally:
-                if self.on_failure is not None:
-                    self.on_failure(e)
+            self._fail(e)
+
+    def _fail(self, error: BaseException) -> None:
+        """Record the failure (new submits are refused from now on), end every request, queued ones
+        too, as "failed", and tell the owner."""
+        with self._cond:
+            self.failure = error
+            inbox, self._inbox = self._inbox, []
+        for request in inbox:
+            self.engine.add(request)
+        try:
+            self.engine.abort_all("failed", repr(error))
+        finally:
+            if self.on_failure is not None:
+                self.on_failure(error)
