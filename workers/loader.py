@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from moeserve.workers.config import ModelConfig
+from moeserve.workers.huge_pages import allocate_on_huge_pages
 from moeserve.workers.model import Transformer
 from moeserve.workers.moe import RoutedExperts, Router
 from moeserve.workers.rope import RotaryEmbedding
@@ -205,6 +206,8 @@ def load_experts(
         layer: RoutedExperts(config.hidden_size, config.moe_intermediate_size, ids, dtype=dtype).to(device)
         for layer in config.moe_layers
     }
+    for module in experts.values():
+        allocate_on_huge_pages(module)
     _fill_experts(reader, config, experts)
     return experts
 
@@ -226,6 +229,7 @@ def _load_transformer(
         if isinstance(module, Router):
             module.float()  # routing stays fp32 (as transformers keeps gate.weight)
     model = model.to_empty(device=device)
+    allocate_on_huge_pages(model)
     model.rope = RotaryEmbedding(config, max_positions).to(device)
     params = dict(model.named_parameters())
     plan = _plan(reader, config)

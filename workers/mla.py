@@ -20,6 +20,7 @@ from torch import nn
 
 from moeserve.workers.batch import ForwardBatch
 from moeserve.workers.config import ModelConfig
+from moeserve.workers.huge_pages import on_huge_pages
 from moeserve.workers.kv_cache import PagedLatentCache
 from moeserve.workers.norm import RMSNorm
 from moeserve.workers.rope import RotaryEmbedding
@@ -109,18 +110,20 @@ class MLA(nn.Module):
         in one matmul; the two parameters become views of it, so nothing is duplicated."""
         first = self.wq_a if self.q_lora else self.wq
         with torch.no_grad():
-            fused = torch.cat([first.weight, self.wkv_a.weight])  # [n_q + C + R, D]
+            fused = on_huge_pages(torch.cat([first.weight, self.wkv_a.weight]))  # [n_q + C + R, D]
         n = first.weight.shape[0]
         first.weight = nn.Parameter(fused[:n], requires_grad=False)
         self.wkv_a.weight = nn.Parameter(fused[n:], requires_grad=False)
         self._fused_input = fused
 
     def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, N, C] and W_UV^T [H, C, V], contiguous; built once (weights are frozen at load)."""
+        """W_UK [H, N, C] and W_UV^T [H, C, V], contiguous, on huge pages (decode reads them every
+        step); built once (weights are frozen at load)."""
         cached = getattr(self, "_absorbed_cache", None)
         if cached is None or cached[0].dtype != self.wkv_b.weight.dtype:
             w = self.wkv_b.weight.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
-            cached = (w[:, : self.nope_dim].contiguous(), w[:, self.nope_dim :].transpose(1, 2).contiguous())
+            w_uk, w_uv_t = w[:, : self.nope_dim], w[:, self.nope_dim :].transpose(1, 2)
+            cached = (on_huge_pages(w_uk), on_huge_pages(w_uv_t))
             self._absorbed_cache = cached
         return cached
 

@@ -105,6 +105,16 @@ class RoutedExperts(nn.Module):
                 start += n
         return out
 
+    def forward_token(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token: x [1, D], its K distinct local_ids / weights [K] -> [1, D]. Reads each chosen
+        expert once with no argsort, bincount or token gather (batch-1 decode is bound by such small
+        ops), then combines in the grouped path's order, so the result is bit-identical to it."""
+        ids = local_ids.tolist()
+        order = sorted(range(len(ids)), key=ids.__getitem__)  # ascending expert, as sort_by_expert
+        y = torch.cat([swiglu(x @ self.w13[ids[j]].t()) @ self.w2[ids[j]].t() for j in order])
+        pairs = torch.tensor(order, device=x.device)
+        return combine(y, pairs, torch.zeros_like(pairs), weights, 1)
+
     def forward_naive(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Reference: every (token, choice) pair on its own. x [T, D], local_ids/weights [T, K] -> [T, D]."""
         out = torch.zeros_like(x, dtype=torch.float32)
@@ -186,6 +196,8 @@ class LocalRoutedExecutor:
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         experts = self.experts_by_layer[layer]
+        if x.shape[0] == 1:  # a token's top-k experts are distinct: nothing to group
+            return experts.forward_token(x, ids[0], weights[0])
         order, token, counts = sort_by_expert(ids, len(experts.expert_ids))
         y = experts.forward_sorted(x[token], counts)
         return combine(y, order, token, weights, x.shape[0])

@@ -29,6 +29,25 @@ def test_grouped_matches_naive() -> None:
     assert torch.allclose(grouped, e.forward_naive(x, ids, weights), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_token_path_equals_grouped_path(dtype: torch.dtype) -> None:
+    """Decode at batch 1 takes `forward_token`; it must give the grouped path's result exactly."""
+    from moeserve.workers.moe import combine, sort_by_expert
+
+    e = experts().to(dtype)
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(1, 16, generator=gen).to(dtype)
+        ids = torch.randperm(8, generator=gen)[:3][None]
+        weights = torch.rand(1, 3, generator=gen) * 4
+        order, token, counts = sort_by_expert(ids, 8)
+        grouped = combine(e.forward_sorted(x[token], counts), order, token, weights, 1)
+        single = LocalRoutedExecutor({0: e})(0, x, ids, weights)
+        assert torch.equal(single, grouped)
+        naive = e.forward_naive(x, ids, weights)
+        assert torch.allclose(single.float(), naive.float(), atol=1e-5 if dtype == torch.float32 else 0.05)
+
+
 def test_experts_without_tokens_and_empty_batch() -> None:
     e = experts()
     x = torch.randn(2, 16)
