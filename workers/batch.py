@@ -37,7 +37,7 @@ class ForwardBatch:
     decode_context: torch.Tensor  # [B] context length including the new token
     decode_padding: torch.Tensor  # [B, 1, L] bool, True past each context (L = nb_max * block_size)
     prefill_seqs: list[int]  # sequence indices that take the naive path
-    rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin at `positions`, per step
+    rope_tables: torch.Tensor | None = None  # cos + i·sin at `positions` [T, 1, R/2], once per step
 
     @property
     def all_decode(self) -> bool:

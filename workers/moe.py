@@ -101,7 +101,7 @@ class RoutedExperts(nn.Module):
         for i, n in enumerate(counts):
             if n:
                 rows = xs[start : start + n]
-                out[start : start + n] = swiglu(rows @ self.w13[i].t()) @ self.w2[i].t()
+                out[start : start + n] = F.linear(swiglu(F.linear(rows, self.w13[i])), self.w2[i])
                 start += n
         return out
 
@@ -111,7 +111,7 @@ class RoutedExperts(nn.Module):
         ops), then combines in the grouped path's order, so the result is bit-identical to it."""
         ids = local_ids.tolist()
         order = sorted(range(len(ids)), key=ids.__getitem__)  # ascending expert, as sort_by_expert
-        y = torch.cat([swiglu(x @ self.w13[ids[j]].t()) @ self.w2[ids[j]].t() for j in order])
+        y = torch.cat([F.linear(swiglu(F.linear(x, self.w13[ids[j]])), self.w2[ids[j]]) for j in order])
         pairs = torch.tensor(order, device=x.device)
         return combine(y, pairs, torch.zeros_like(pairs), weights, 1)
 

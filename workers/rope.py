@@ -46,10 +46,10 @@ def inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Precomputed cos/sin tables [max_positions, dim/2]; `forward` rotates [..., T, heads, dim]."""
+    """Precomputed rotations cos + i·sin [max_positions, dim/2] (complex64, YaRN's attention factor
+    included); `forward` rotates [..., T, heads, dim]."""
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cis: torch.Tensor
 
     def __init__(self, config: ModelConfig, max_positions: int | None = None):
         super().__init__()
@@ -58,28 +58,35 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq, attention_factor = inverse_frequencies(config.rope, dim)
         n = max_positions or config.max_position_embeddings
         angles = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [P, dim/2]
-        self.register_buffer("cos", torch.cos(angles) * attention_factor, persistent=False)
-        self.register_buffer("sin", torch.sin(angles) * attention_factor, persistent=False)
+        cis = torch.complex(torch.cos(angles) * attention_factor, torch.sin(angles) * attention_factor)
+        self.register_buffer("cis", cis, persistent=False)
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, d/2] at these positions (gather once per step, use in every layer)."""
-        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+    def tables(self, positions: torch.Tensor) -> torch.Tensor:
+        """cos + i·sin [T, 1, d/2] at these positions (gather once per step, use in every layer)."""
+        return self.cis[positions][:, None, :]
 
     def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, x: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x: [T, H, d] (H may be 1 for the shared key); positions: [T]. Computes in fp32."""
-        cos, sin = tables if tables is not None else self.tables(positions)
-        xf = x.float()
+        cis = tables if tables is not None else self.tables(positions)
+        xf = x.float().contiguous()
         if self.interleave:
-            x1, x2 = xf[..., 0::2], xf[..., 1::2]
-            # interleaved output, the layout of DeepSeek's complex multiplication
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+            # pair (x0, x1) is the complex number x0 + i·x1, rotated by one complex multiplication:
+            # DeepSeek's own formulation, and a third of the kernels of the real-valued one (decode
+            # at batch 1 is bound by per-kernel overhead)
+            out = torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * cis).flatten(-2)
         else:
-            half = xf.shape[-1] // 2
-            x1, x2 = xf[..., :half], xf[..., half:]
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            out = rotate_reference(xf, cis.real, cis.imag, interleave=False)
         return out.to(x.dtype)
+
+
+def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """The rotation written out over real numbers: x [..., d] fp32, cos/sin broadcastable to [..., d/2]."""
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        # interleaved output, the layout of DeepSeek's complex multiplication
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
