@@ -191,7 +191,8 @@ def main() -> None:
         step = ours_decode(ours, ids, args.new_tokens)[0]
         print(
             f"  bandwidth {bw / 1e9:5.1f} GB/s -> roofline {bw / weight_bytes:6.1f} tok/s; "
-            f"GEMV floor {floor * 1e3:5.2f} ms ({weight_bytes / floor / 1e9:4.1f} GB/s); "
+            f"GEMV floor {floor * 1e3:5.2f} ms ({weight_bytes / floor / 1e9:4.1f} GB/s, "
+            f"{weight_bytes / floor / bw:.0%} of roofline by itself); "
             f"moeserve step {step * 1e3:5.2f} ms = {1 / step:5.1f} tok/s, "
             f"{weight_bytes / step / bw:.0%} of roofline, above the floor {(step - floor) * 1e3:.2f} ms"
         )
