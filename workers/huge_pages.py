@@ -25,7 +25,7 @@ def _supported(device: torch.device, nbytes: int) -> bool:
 
 def empty_on_huge_pages(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor backed by huge-page-advised memory (plain `torch.empty` if small)."""
-    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
     if not _supported(torch.device("cpu"), nbytes):
         return torch.empty(shape, dtype=dtype)
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE

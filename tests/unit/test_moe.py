@@ -6,7 +6,7 @@ import pytest
 import torch
 from builders import tiny_config
 
-from moeserve.workers.moe import LocalRoutedExecutor, RoutedExperts, Router
+from moeserve.workers.moe import LocalRoutedExecutor, RoutedExperts, Router, combine, sort_by_expert
 
 pytestmark = pytest.mark.unit
 
@@ -32,8 +32,6 @@ def test_grouped_matches_naive() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_single_token_path_equals_grouped_path(dtype: torch.dtype) -> None:
     """Decode at batch 1 takes `forward_token`; it must give the grouped path's result exactly."""
-    from moeserve.workers.moe import combine, sort_by_expert
-
     e = experts().to(dtype)
     for seed in range(5):
         gen = torch.Generator().manual_seed(seed)
