@@ -10,6 +10,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from builders import REFERENCE_CONFIGS, reference_model, write_reference_checkpoint  # noqa: E402
+from prerequisites import missing_message, missing_modules  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Fail the whole run, before collection, when a package some tier needs is missing."""
+    missing = missing_modules()
+    if missing:
+        raise pytest.UsageError(missing_message(missing))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from moeserve import contract
+from moeserve import contract, extras
 
 
 def _env_int(name: str, default: int) -> int:
@@ -132,6 +132,7 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
     if args.expert_ranks == 0 and args.attention_ranks != 1:
         parser.error("--attention-ranks > 1 needs --expert-ranks >= 1")
     if args.ray:
+        extras.require_or_exit(extras.RAY, "--ray (Ray Serve)", "moeserve serve")
         return run_ray_serve(parser, args)
     if args.expert_ranks:
         from moeserve.workers.ep_rank import EPSettings

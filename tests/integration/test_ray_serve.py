@@ -18,8 +18,10 @@ from typing import Any
 import grpc
 import psutil
 import pytest
+import ray
 import torch
 from conftest import MAIN_SETTINGS
+from ray import serve
 from serving_support import drain_in_background
 
 from moeserve import contract
@@ -28,8 +30,6 @@ from moeserve.v1 import inference_pb2 as pb
 from moeserve.workers.client import InferenceClient, build_request
 from moeserve.workers.server.app import BackgroundServer, local_loader
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 10.0
 
