@@ -90,3 +90,15 @@ def test_no_test_skips_except_the_gpu_tier() -> None:
             if word in text:
                 offenders.append(f"{path.relative_to(ROOT)}: {word}")
     assert offenders == []
+
+
+def test_python_run_from_the_repository_root_gets_the_standard_library_operator() -> None:
+    # -S: no site packages, so nothing imports `operator` before the current directory is on sys.path
+    # (an editable install's finder does, which would hide the problem).
+    code = "import enum, operator, sys; assert 'operator' in sys.modules; print(operator.__file__)"
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).parent != ROOT / "operator"
+    assert Path(result.stdout.strip()).name == "operator.py"
