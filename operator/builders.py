@@ -21,7 +21,15 @@ What a MoEService becomes, and why bare pods:
 - ConfigMap `<name>-serve-config`: the ServeAppConfig (the application's `args`) and the Serve deploy
   document that the operator PUTs to Ray's REST API; the head mounts it for inspection.
 - Service `<name>`: the client-facing gRPC endpoint, Ray Serve's gRPC proxy on the head
-  (`proxy_location: HeadOnly`).
+  (`proxy_location: HeadOnly`). It selects the head only while the head carries `moeserve.io/serve:
+  "true"`, which the operator sets while Ray reports the Serve application RUNNING.
+
+Every Ray pod mounts the model volume read-only at `spec.model.path` and first runs the init
+container `model-check` (MODEL_CHECK_SCRIPT), which fails with a one-line termination message when
+the checkpoint is not readable there; worker pods then wait in `wait-for-head` until the head's GCS
+answers. Probes use Ray's unauthenticated health endpoints: the head is ready when its dashboard
+answers `/api/gcs_healthz` (dashboard up and GCS alive), a worker when its dashboard agent answers
+`/api/local_raylet_healthz` (its raylet is alive in the GCS, i.e. it joined).
 """
 
 from __future__ import annotations
@@ -76,6 +84,8 @@ class WorkerGroup:
     role: Role
     size: int
     """Pods in the group: replicas x ranks."""
+    ranks: int
+    """Ranks per model instance: member i belongs to instance i // ranks."""
     template: Manifest
     """The pod every member is made from (no name or index yet); carries its template hash."""
 
@@ -218,14 +228,18 @@ def head_service(owner: Owner, spec: MoEServiceSpec) -> Manifest:
 
 
 def client_service(owner: Owner, spec: MoEServiceSpec) -> Manifest:
-    """The gRPC endpoint clients use: Ray Serve's gRPC proxy on the head."""
+    """The gRPC endpoint clients use: Ray Serve's gRPC proxy on a head whose application is RUNNING
+    (the operator labels it; a head without the label has no endpoint here, so clients fail fast)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(owner, owner.name, None),
         "spec": {
             "type": "ClusterIP",
-            "selector": labels(owner.name, contract.ROLE_HEAD),
+            "selector": {
+                **labels(owner.name, contract.ROLE_HEAD),
+                contract.LABEL_SERVE_READY: contract.SERVE_READY,
+            },
             "ports": [_service_port(contract.GRPC_PORT_NAME, spec.serving.grpc_port)],
         },
     }
@@ -245,6 +259,45 @@ def _service_port(name: str, port: int) -> Manifest:
 
 # -- pods -----------------------------------------------------------------------------------------
 
+MODEL_CHECK_SCRIPT = """\
+m="$MOESERVE_MODEL_PATH"
+fail() {
+  echo "model unavailable at $m: $1" >&2
+  { echo "model unavailable at $m: $1" > "${MOESERVE_TERMINATION_LOG:-/dev/termination-log}"; } 2>/dev/null
+  exit 1
+}
+[ -d "$m" ] || fail "no such directory (is the model volume bound and populated?)"
+[ -r "$m/config.json" ] || fail "no config.json readable by uid $(id -u)"
+[ -r "$m/model.safetensors" ] || [ -r "$m/model.safetensors.index.json" ] \\
+  || fail "no model.safetensors or model.safetensors.index.json readable by uid $(id -u)"
+echo "model found at $m"
+"""
+"""`sh -c` script of the `model-check` init container: what the checkpoint loader needs first
+(loader.py, config.py). The path comes from the environment, never from the script's text."""
+
+WAIT_FOR_HEAD_SCRIPT = """\
+import os, sys, time, urllib.request
+url, start, last = os.environ["MOESERVE_HEAD_HEALTH_URL"], time.monotonic(), 0.0
+while True:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            if answer.read().strip() == b"success":
+                print(f"the Ray head answers at {url}", flush=True)
+                sys.exit(0)
+    except Exception as err:
+        if time.monotonic() - last >= 30:
+            print(f"waiting for the Ray head at {url}: {err}", flush=True)
+            last = time.monotonic()
+    time.sleep(2)
+"""
+"""`python -c` script of the workers' `wait-for-head` init container: `ray start --address` gives
+up when the GCS is not there yet, which would fail (and restart) the whole group."""
+
+PROBE_PERIOD_S = 5
+LIVENESS_PERIOD_S = 10
+LIVENESS_FAILURES = 6
+"""A Ray node that does not answer for a minute is dead (a busy one still answers in time)."""
+
 
 def _metrics_export_flag(spec: MoEServiceSpec) -> str:
     """Every pod's Ray metrics agent serves Prometheus text here: Ray's own metrics and the attention
@@ -252,46 +305,123 @@ def _metrics_export_flag(spec: MoEServiceSpec) -> str:
     return f"--metrics-export-port={spec.serving.metrics_port}"
 
 
+def _ray_flags(spec: MoEServiceSpec) -> list[str]:
+    return [
+        "--block",
+        "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={contract.RAY_AGENT_PORT}",
+        _metrics_export_flag(spec),
+    ]
+
+
+def probes(path: str, port: str, spec: MoEServiceSpec) -> Manifest:
+    """Startup, readiness and liveness probes of a Ray container on one of Ray's health endpoints."""
+    action = {"httpGet": {"path": path, "port": port}, "timeoutSeconds": 5}
+    startup_failures = max(1, -(-spec.probes.startup_s // PROBE_PERIOD_S))
+    return {
+        "startupProbe": {**action, "periodSeconds": PROBE_PERIOD_S, "failureThreshold": startup_failures},
+        "readinessProbe": {**action, "periodSeconds": PROBE_PERIOD_S, "failureThreshold": 2},
+        "livenessProbe": {
+            **action,
+            "periodSeconds": LIVENESS_PERIOD_S,
+            "failureThreshold": LIVENESS_FAILURES,
+        },
+    }
+
+
+def model_volume(spec: MoEServiceSpec) -> Manifest | None:
+    """The pod volume holding the model, read-only where the source has a flag for it."""
+    if spec.model.volume is None:
+        return None
+    ((source, fields_),) = spec.model.volume.items()
+    body = dict(fields_)
+    if source in ("persistentVolumeClaim", "nfs", "csi"):
+        body["readOnly"] = True
+    return {"name": contract.MODEL_VOLUME_NAME, source: body}
+
+
+def _model_mounts(spec: MoEServiceSpec) -> list[Manifest]:
+    if spec.model.volume is None:
+        return []
+    mount: Manifest = {"name": contract.MODEL_VOLUME_NAME, "mountPath": spec.model.path, "readOnly": True}
+    if spec.model.sub_path:
+        mount["subPath"] = spec.model.sub_path
+    return [mount]
+
+
+def _container_security() -> Manifest:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _image(spec: MoEServiceSpec) -> Manifest:
+    out: Manifest = {"image": spec.image}
+    if spec.image_pull_policy:
+        out["imagePullPolicy"] = spec.image_pull_policy
+    return out
+
+
+def _model_check(spec: MoEServiceSpec) -> Manifest:
+    return {
+        "name": contract.MODEL_CHECK_CONTAINER,
+        **_image(spec),
+        "command": ["sh", "-c", MODEL_CHECK_SCRIPT],
+        "env": [{"name": contract.ENV_MODEL_PATH, "value": spec.model.path}],
+        "volumeMounts": _model_mounts(spec),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _container_security(),
+    }
+
+
+def _ray_container(
+    name: str, spec: MoEServiceSpec, command: list[str], env: list[Manifest], ports: list[tuple[str, int]]
+) -> Manifest:
+    return {
+        "name": name,
+        **_image(spec),
+        "command": command,
+        "env": env,
+        "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, *_model_mounts(spec)],
+        "securityContext": _container_security(),
+    }
+
+
+def _volumes(spec: MoEServiceSpec, *extra: Manifest) -> list[Manifest]:
+    model = model_volume(spec)
+    return [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, *extra, *([model] if model else [])]
+
+
 def head_pod(owner: Owner, spec: MoEServiceSpec) -> Manifest:
     command = [
         "ray",
         "start",
         "--head",
-        "--block",
-        "--disable-usage-stats",
         f"--port={contract.RAY_GCS_PORT}",
         "--dashboard-host=0.0.0.0",
         f"--dashboard-port={contract.RAY_DASHBOARD_PORT}",
         "--num-gpus=0",  # ranks ask for GPUs and moeserve_* resources, which only workers offer
-        _metrics_export_flag(spec),
+        *_ray_flags(spec),
     ]
-    ports = [*_head_ports(spec), (contract.METRICS_PORT_NAME, spec.serving.metrics_port)]
-    container = {
-        "name": "ray-head",
-        "image": spec.image,
-        "command": command,
-        "env": _ray_auth_env(owner),
-        "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
-        "resources": _resources(spec.head_resources, gpus=0),
-        "readinessProbe": {
-            "httpGet": {"path": "/api/gcs_healthz", "port": contract.RAY_DASHBOARD_PORT_NAME},
-            "periodSeconds": 5,
-            "timeoutSeconds": 5,
-        },
-        "volumeMounts": [
-            {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "serve-config", "mountPath": contract.SERVE_CONFIG_DIR, "readOnly": True},
-        ],
-    }
-    volumes = [
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-        {"name": "serve-config", "configMap": {"name": config_map_name(owner.name)}},
+    ports = [
+        *_head_ports(spec),
+        (contract.RAY_AGENT_PORT_NAME, contract.RAY_AGENT_PORT),
+        (contract.METRICS_PORT_NAME, spec.serving.metrics_port),
     ]
+    container = _ray_container("ray-head", spec, command, _ray_auth_env(owner), ports)
+    container["resources"] = _resources(spec.head_resources, gpus=0)
+    container.update(probes(contract.RAY_GCS_HEALTH_PATH, contract.RAY_DASHBOARD_PORT_NAME, spec))
+    container["volumeMounts"].append(
+        {"name": "serve-config", "mountPath": contract.SERVE_CONFIG_DIR, "readOnly": True}
+    )
+    config = {"name": "serve-config", "configMap": {"name": config_map_name(owner.name)}}
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": _metadata(owner, head_name(owner.name), contract.ROLE_HEAD),
-        "spec": {**_pod_basics([container], volumes), **_scheduling(spec, group_labels=None)},
+        "spec": {
+            **_pod_basics([_model_check(spec)], [container], _volumes(spec, config)),
+            **_scheduling(spec, worker=False),
+        },
     }
     return _with_template_hash(pod)
 
@@ -299,31 +429,29 @@ def head_pod(owner: Owner, spec: MoEServiceSpec) -> Manifest:
 def worker_template(owner: Owner, spec: MoEServiceSpec, role: Role) -> Manifest:
     """The pod every member of a worker group is made from; `worker_pod` names and indexes it."""
     group = spec.group(role)
-    head_address = f"{head_name(owner.name)}.{owner.namespace}.svc:{contract.RAY_GCS_PORT}"
+    head = f"{head_name(owner.name)}.{owner.namespace}.svc"
     command = [
         "ray",
         "start",
-        "--block",
-        "--disable-usage-stats",
-        f"--address={head_address}",
+        f"--address={head}:{contract.RAY_GCS_PORT}",
         f"--num-gpus={group.gpus_per_rank}",
         f"--resources={json.dumps({RAY_RESOURCES[role]: 1})}",
-        _metrics_export_flag(spec),
+        *_ray_flags(spec),
     ]
-    container: Manifest = {
-        "name": f"ray-{role}",
-        "image": spec.image,
-        "command": command,
-        "env": _ray_auth_env(owner),
-        "resources": _resources(group.resources, gpus=group.gpus_per_rank),
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-        "ports": [
-            {
-                "name": contract.METRICS_PORT_NAME,
-                "containerPort": spec.serving.metrics_port,
-                "protocol": "TCP",
-            }
-        ],
+    ports = [
+        (contract.RAY_AGENT_PORT_NAME, contract.RAY_AGENT_PORT),
+        (contract.METRICS_PORT_NAME, spec.serving.metrics_port),
+    ]
+    container = _ray_container(f"ray-{role}", spec, command, _ray_auth_env(owner), ports)
+    container["resources"] = _resources(group.resources, gpus=group.gpus_per_rank)
+    container.update(probes(contract.RAY_RAYLET_HEALTH_PATH, contract.RAY_AGENT_PORT_NAME, spec))
+    health_url = f"http://{head}:{contract.RAY_DASHBOARD_PORT}{contract.RAY_GCS_HEALTH_PATH}"
+    wait = {
+        "name": contract.WAIT_FOR_HEAD_CONTAINER,
+        **_image(spec),
+        "command": ["python", "-c", WAIT_FOR_HEAD_SCRIPT],
+        "env": [{"name": "MOESERVE_HEAD_HEALTH_URL", "value": health_url}],
+        "securityContext": _container_security(),
     }
     pod = {
         "apiVersion": "v1",
@@ -334,21 +462,26 @@ def worker_template(owner: Owner, spec: MoEServiceSpec, role: Role) -> Manifest:
             "ownerReferences": [owner.reference()],
         },
         "spec": {
-            **_pod_basics([container], [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]),
-            **_scheduling(spec, group_labels=labels(owner.name, role)),
+            **_pod_basics([_model_check(spec), wait], [container], _volumes(spec)),
+            **_scheduling(spec, worker=True, service=owner.name),
         },
     }
     return _with_template_hash(pod)
 
 
-def worker_pod(template: Manifest, service: str, role: str, index: int, head_uid: str) -> Manifest:
-    """Member `index` of a worker group, bound to the head pod `head_uid`. It records the group's
-    size (`moeserve.io/group-size`) only once the whole group exists (see groups.py)."""
-    pod = copy.deepcopy(template)
+def worker_pod(group: WorkerGroup, service: str, index: int, head_uid: str) -> Manifest:
+    """Member `index` of a worker group, bound to the head pod `head_uid`, labelled (and its Ray node
+    labelled) with its model instance. It records the group's size (`moeserve.io/group-size`) only
+    once the whole group exists (see groups.py)."""
+    pod = copy.deepcopy(group.template)
+    instance = str(index // group.ranks)
     meta = pod["metadata"]
-    meta["name"] = worker_name(service, role, index)
+    meta["name"] = worker_name(service, group.role, index)
     meta["labels"][contract.LABEL_INDEX] = str(index)
+    meta["labels"][contract.LABEL_INSTANCE] = instance
     meta["annotations"][contract.ANNOTATION_HEAD_UID] = head_uid
+    container = pod["spec"]["containers"][0]
+    container["command"].append(f"--labels={contract.LABEL_INSTANCE}={instance}")
     return pod
 
 
@@ -362,10 +495,12 @@ def _with_template_hash(pod: Manifest) -> Manifest:
     return pod
 
 
-def _pod_basics(containers: list[Manifest], volumes: list[Manifest]) -> Manifest:
+def _pod_basics(init: list[Manifest], containers: list[Manifest], volumes: list[Manifest]) -> Manifest:
     return {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "initContainers": init,
         "containers": containers,
         "volumes": volumes,
     }
@@ -379,9 +514,48 @@ def _resources(resources: Mapping[str, Any], gpus: int) -> Manifest:
     return out
 
 
-def _scheduling(spec: MoEServiceSpec, group_labels: dict[str, str] | None) -> Manifest:
-    """nodeSelector, tolerations, affinity and priority from the spec; for a worker group
-    (`group_labels`), also topology spread or packing over spec.scheduling.topology_key."""
+HOSTNAME_KEY = "kubernetes.io/hostname"
+PACK_NODE_WEIGHT, PACK_DOMAIN_WEIGHT, SPREAD_WEIGHT = 100, 50, 20
+
+
+def instance_affinity(spec: MoEServiceSpec, service: str) -> Manifest:
+    """Pod (anti-)affinity of a worker pod that packs its model instance and spreads instances.
+
+    The ranks of one instance exchange every MoE layer's all-to-all, so they prefer the node of the
+    instance's other pods (both roles), then its topology_key domain (rack, zone); with packing
+    Required they must share that domain. Pods of other instances are avoided in the domain (soft,
+    weaker than packing): instances land apart, so a lost node or zone takes few instances along.
+    One term serves every instance: `matchLabelKeys`/`mismatchLabelKeys` (Kubernetes >= 1.33) select
+    on the pod's own `moeserve.io/instance` value. Ray's placement groups then pick which pods form
+    an instance; the labels tell Kubernetes which pods should sit together.
+    """
+    key = spec.scheduling.topology_key
+    ours = {"matchLabels": {contract.LABEL_SERVICE: service}}
+    same = {"labelSelector": ours, "matchLabelKeys": [contract.LABEL_INSTANCE]}
+    preferred = [{"weight": PACK_NODE_WEIGHT, "podAffinityTerm": {"topologyKey": HOSTNAME_KEY, **same}}]
+    if key != HOSTNAME_KEY:
+        preferred.append({"weight": PACK_DOMAIN_WEIGHT, "podAffinityTerm": {"topologyKey": key, **same}})
+    affinity: Manifest = {"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": preferred}}
+    if spec.scheduling.packing == "Required":
+        affinity["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] = [
+            {"topologyKey": key, **same}
+        ]
+    others = {
+        "matchLabels": {contract.LABEL_SERVICE: service},
+        "matchExpressions": [{"key": contract.LABEL_INSTANCE, "operator": "Exists"}],
+    }
+    spread = {"topologyKey": key, "labelSelector": others, "mismatchLabelKeys": [contract.LABEL_INSTANCE]}
+    affinity["podAntiAffinity"] = {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": SPREAD_WEIGHT, "podAffinityTerm": spread}
+        ]
+    }
+    return affinity
+
+
+def _scheduling(spec: MoEServiceSpec, worker: bool, service: str = "") -> Manifest:
+    """nodeSelector, tolerations, affinity and priority from the spec; worker pods also get the
+    instance packing terms (`instance_affinity`) merged into the spec's affinity."""
     sched = spec.scheduling
     out: Manifest = {}
     if sched.node_selector:
@@ -391,28 +565,11 @@ def _scheduling(spec: MoEServiceSpec, group_labels: dict[str, str] | None) -> Ma
     if sched.priority_class_name:
         out["priorityClassName"] = sched.priority_class_name
     affinity = copy.deepcopy(dict(sched.affinity))
-    if group_labels is not None and sched.policy == "Spread":
-        # Soft: GPUs are scarce, so an uneven spread beats a rank left Pending.
-        out["topologySpreadConstraints"] = [
-            {
-                "maxSkew": 1,
-                "topologyKey": sched.topology_key,
-                "whenUnsatisfiable": "ScheduleAnyway",
-                "labelSelector": {"matchLabels": dict(group_labels)},
-            }
-        ]
-    elif group_labels is not None:
-        term = {
-            "weight": 100,
-            "podAffinityTerm": {
-                "topologyKey": sched.topology_key,
-                "labelSelector": {"matchLabels": dict(group_labels)},
-            },
-        }
-        preferred = affinity.setdefault("podAffinity", {}).setdefault(
-            "preferredDuringSchedulingIgnoredDuringExecution", []
-        )
-        preferred.append(term)
+    if worker:
+        for kind, terms in instance_affinity(spec, service).items():
+            ours = affinity.setdefault(kind, {})
+            for when, listed in terms.items():
+                ours.setdefault(when, []).extend(listed)
     if affinity:
         out["affinity"] = affinity
     return out
@@ -425,7 +582,8 @@ def desired_state(owner: Owner, spec: MoEServiceSpec) -> DesiredState:
     """All objects of `owner`. Raises ServeConfigError when the spec is no valid ServeAppConfig."""
     serve_app_config(spec, replicas=max(spec.replicas, 1))  # validate even when scaled to zero
     workers = tuple(
-        WorkerGroup(role, spec.group_size(role), worker_template(owner, spec, role)) for role in WORKER_ROLES
+        WorkerGroup(role, spec.group_size(role), spec.group(role).ranks, worker_template(owner, spec, role))
+        for role in WORKER_ROLES
     )
     return DesiredState(
         config_map=config_map(owner, spec),

@@ -13,6 +13,10 @@ named by index, made from the template with hash `template_hash`, bound to the R
 - Otherwise missing indices that no member claims are created (first creation, scale up, completing
   an interrupted creation), pods beyond `size` are deleted (scale down), and once nothing is missing,
   members whose recorded size differs get the group's size.
+- Except: a member whose `model-check` init container failed (the model is not readable in it) is
+  kept, and nothing of its group changes, for `hold_s` after that container finished, so the status
+  can say so instead of flapping through restarts; then the group restarts and checks again. A spec
+  change (another template) replaces it at once.
 The head is a group of one with `head_uid=None` (bound to nothing).
 
 Pure: this module reads pod manifests and returns a plan; `reconcile.py` carries it out.
@@ -22,11 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from moeserve import contract
 
 GONE_PHASES = ("Failed", "Succeeded")
+SILENT_WAITING = ("ContainerCreating", "PodInitializing")
+"""Container waiting reasons that say nothing beyond "starting"."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,12 @@ class PodState:
     head_uid: str = ""
     group_size: int = 0
     waiting_reason: str = ""
-    """Why it is not running yet, e.g. the scheduler's `0/4 nodes are available: ...`."""
+    """Why it is not running yet: the scheduler's `0/4 nodes are available: ...`, a container's
+    `ErrImagePull: ...`, or the init container it is in."""
+    model_error: str = ""
+    """The termination message of its failed `model-check` init container; "" when it did not fail."""
+    finished_at: float = 0.0
+    """When that container finished (Unix time; 0 when unknown)."""
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> PodState:
@@ -51,10 +63,7 @@ class PodState:
         annotations = meta.get("annotations") or {}
         status = pod.get("status") or {}
         conditions = {c.get("type"): c for c in status.get("conditions") or []}
-        scheduled = conditions.get("PodScheduled", {})
-        waiting = ""
-        if scheduled.get("status") == "False":
-            waiting = f"{scheduled.get('reason', 'Unschedulable')}: {scheduled.get('message', '')}".strip()
+        model_error, finished_at = _model_check_failure(status)
         return cls(
             name=meta["name"],
             uid=meta.get("uid", ""),
@@ -65,7 +74,9 @@ class PodState:
             template_hash=annotations.get(contract.ANNOTATION_TEMPLATE_HASH, ""),
             head_uid=annotations.get(contract.ANNOTATION_HEAD_UID, ""),
             group_size=_int(annotations.get(contract.ANNOTATION_GROUP_SIZE), 0),
-            waiting_reason=waiting,
+            waiting_reason=_waiting_reason(status, conditions.get("PodScheduled", {})),
+            model_error=model_error,
+            finished_at=finished_at,
         )
 
     @property
@@ -85,6 +96,8 @@ class GroupPlan:
     """Why the whole group is being replaced; "" when it is not."""
     waiting: tuple[str, ...] = field(default=())
     """Pods still terminating that block creation."""
+    model_unavailable: str = ""
+    """`pod: message` of a member held because its model check failed; "" when none is."""
 
 
 def plan_group(
@@ -94,16 +107,24 @@ def plan_group(
     head_uid: str | None,
     name: Callable[[int], str],
     bound: bool = True,
+    now: float = 0.0,
+    hold_s: float = 0.0,
 ) -> GroupPlan:
     """The next step for a group that should have `size` pods (see the module docstring).
 
     `name(i)` is the name of member i. `bound`: members must have joined the head pod `head_uid`;
     with `head_uid` None (no head yet, or one going away) every member is broken and nothing is made.
+    `now` (Unix time) and `hold_s`: how long a member whose model check failed is kept.
     """
     members = [p for p in pods if p.index < size]
     extra = tuple(p for p in pods if p.index >= size and not p.terminating)
     terminating = tuple(p.name for p in members if p.terminating)
-    reason = _restart_reason(size, template_hash, members, head_uid, bound, name)
+    reason = _replace_reason(template_hash, members, head_uid, bound)
+    if not reason:
+        held = [p for p in members if p.phase == "Failed" and p.model_error and now - p.finished_at < hold_s]
+        if held:
+            return GroupPlan(delete=extra, model_unavailable=f"{held[0].name}: {held[0].model_error}")
+        reason = _failure_reason(size, members, name)
     if reason:
         doomed = tuple(p for p in pods if not p.terminating)
         return GroupPlan(delete=doomed, restart=reason, waiting=terminating)
@@ -115,29 +136,64 @@ def plan_group(
     return GroupPlan(create=create, delete=extra, resize=resize)
 
 
-def _restart_reason(
-    size: int,
-    template_hash: str,
-    members: Sequence[PodState],
-    head_uid: str | None,
-    bound: bool,
-    name: Callable[[int], str],
+def _replace_reason(
+    template_hash: str, members: Sequence[PodState], head_uid: str | None, bound: bool
 ) -> str:
+    """Why members must go whatever state they are in (deleted, another spec, another head)."""
     for pod in members:
         if pod.terminating:
             return f"pod {pod.name} is being deleted"
-        if pod.phase in GONE_PHASES:
-            return f"pod {pod.name} {pod.phase.lower()}"
         if pod.template_hash != template_hash:
             return f"pod {pod.name} runs an older spec"
         if bound and pod.head_uid != head_uid:
             return f"pod {pod.name} joined a Ray head that is gone"
+    return ""
+
+
+def _failure_reason(size: int, members: Sequence[PodState], name: Callable[[int], str]) -> str:
+    """Why a current group is broken: a member ended, or a member of the complete group is gone."""
+    for pod in members:
+        if pod.phase in GONE_PHASES:
+            detail = f": {pod.model_error}" if pod.model_error else ""
+            return f"pod {pod.name} {pod.phase.lower()}{detail}"
     present = {p.index for p in members}
     claimed = max((p.group_size for p in members), default=0)
     lost = [i for i in range(min(size, claimed)) if i not in present]
     if lost:
         return f"pod {name(lost[0])} is gone"
     return ""
+
+
+def _model_check_failure(status: Mapping[str, Any]) -> tuple[str, float]:
+    """(termination message, finish time) of a failed `model-check` init container, or ("", 0)."""
+    for container in status.get("initContainerStatuses") or []:
+        done = (container.get("state") or {}).get("terminated") or {}
+        if container.get("name") == contract.MODEL_CHECK_CONTAINER and done and done.get("exitCode") != 0:
+            message = " ".join(str(done.get("message") or "").split())
+            reason = message or f"exited with code {done.get('exitCode')} ({done.get('reason', 'Error')})"
+            return reason[:500], _timestamp(done.get("finishedAt"))
+    return "", 0.0
+
+
+def _waiting_reason(status: Mapping[str, Any], scheduled: Mapping[str, Any]) -> str:
+    if scheduled.get("status") == "False":
+        return f"{scheduled.get('reason', 'Unschedulable')}: {scheduled.get('message', '')}".strip()
+    inits = status.get("initContainerStatuses") or []
+    for container in [*inits, *(status.get("containerStatuses") or [])]:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") and waiting["reason"] not in SILENT_WAITING:
+            return f"{container.get('name')}: {waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+    for container in inits:
+        if (container.get("state") or {}).get("running") is not None:
+            return f"in init container {container.get('name')}"
+    return ""
+
+
+def _timestamp(text: Any) -> float:
+    try:
+        return datetime.fromisoformat(str(text)).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _int(text: Any, default: int) -> int:

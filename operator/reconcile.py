@@ -42,6 +42,9 @@ from moeserve.operator.status import (
 )
 from moeserve.serve_config import ServeConfigError
 
+UNKNOWN_SERVE_STATES = ("RayDashboardUnreachable", "ServeRequestFailed")
+"""What the Ray dashboard did not tell: the head's serve label stays as it is."""
+
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 """emit(owner body, event type (Normal/Warning), reason, message)."""
 
@@ -80,12 +83,15 @@ class Reconciler:
         settings: OperatorSettings,
         emit: EventSink,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.kube = kube
         self.serve = serve
         self.settings = settings
         self.emit = emit
         self.clock = clock
+        self.wall_clock = wall_clock
+        """Unix time, compared with the kubelet's container timestamps."""
         self._guard = threading.Lock()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._queued: set[tuple[str, str]] = set()
@@ -160,6 +166,7 @@ class Reconciler:
             self._delete_strays(owner, desired, actual)
             if head_report.running and not any(r.restart for r in reports):
                 serve = self._serve(body, owner, builders.serve_deploy_document(spec), token)
+            self._label_serving_head(owner, actual.pods, head_uid, serve)
         except Rejected as err:
             rejected = str(err)
             log.warning("%s/%s: %s", owner.namespace, owner.name, err)
@@ -172,8 +179,27 @@ class Reconciler:
             groups=tuple(reports),
             instances=model_instances([r for r in reports if r.role in ranks], ranks, spec.replicas),
             serve=serve,
+            model_retry_s=self.settings.model_retry_s,
         )
         return Outcome(self._write_status(body, owner, obs))
+
+    def _label_serving_head(
+        self, owner: Owner, pods: Sequence[Manifest], head_uid: str | None, serve: ServeReport
+    ) -> None:
+        """The client Service routes to the head only while it carries the serve label: set it while
+        Ray reports the application RUNNING, remove it when Ray reports anything else or the head
+        cannot serve (not running, groups restarting). Left as it is when Ray could not be asked."""
+        if serve.reason in UNKNOWN_SERVE_STATES:
+            return
+        want = contract.SERVE_READY if serve.reason == "RUNNING" else None
+        for pod in _pods_of(pods, contract.ROLE_HEAD):
+            meta = pod["metadata"]
+            if meta.get("uid") != head_uid or meta.get("deletionTimestamp"):
+                continue
+            if (meta.get("labels") or {}).get(contract.LABEL_SERVE_READY) != want:
+                log.info("%s/%s: serve label of %s: %s", owner.namespace, owner.name, meta["name"], want)
+                patch = {"metadata": {"labels": {contract.LABEL_SERVE_READY: want}}}
+                self.kube.patch("pods", owner.namespace, meta["name"], patch)
 
     def _list(self, owner: Owner) -> _Actual:
         selector = f"{contract.LABEL_SERVICE}={owner.name}"
@@ -230,7 +256,16 @@ class Reconciler:
         """Keep one current head pod; return its report and the uid workers must be bound to."""
         states = [PodState.from_pod(p) for p in _pods_of(pods, contract.ROLE_HEAD)]
         name = desired["metadata"]["name"]
-        plan = plan_group(states, 1, builders.template_hash(desired), None, lambda _: name, bound=False)
+        plan = plan_group(
+            states,
+            1,
+            builders.template_hash(desired),
+            None,
+            lambda _: name,
+            bound=False,
+            now=self.wall_clock(),
+            hold_s=self.settings.model_retry_s,
+        )
         self._delete(owner, plan)
         if plan.restart and plan.delete:
             self.emit(body, "Warning", "RayHeadRestart", f"replacing the Ray head: {plan.restart}")
@@ -245,7 +280,8 @@ class Reconciler:
             head_uid = states[0].uid
             running = int(states[0].running)
         waiting = tuple(f"{s.name}: {s.waiting_reason}" for s in states if s.waiting_reason)
-        return GroupReport(contract.ROLE_HEAD, 1, running, plan.restart, waiting), head_uid
+        report = GroupReport(contract.ROLE_HEAD, 1, running, plan.restart, waiting, plan.model_unavailable)
+        return report, head_uid
 
     def _group(
         self,
@@ -262,6 +298,8 @@ class Reconciler:
             builders.template_hash(group.template),
             head_uid,
             lambda i: builders.worker_name(owner.name, group.role, i),
+            now=self.wall_clock(),
+            hold_s=self.settings.model_retry_s,
         )
         self._delete(owner, plan)
         if plan.restart and plan.delete:
@@ -288,7 +326,7 @@ class Reconciler:
                 f"{group.role} group: {verb} {len(plan.create)} of {group.size} pods",
             )
             for index in plan.create:
-                pod = builders.worker_pod(group.template, owner.name, group.role, index, head_uid)
+                pod = builders.worker_pod(group, owner.name, index, head_uid)
                 self._create(owner, "pods", pod)
         for state in plan.resize:
             annotations = {contract.ANNOTATION_GROUP_SIZE: str(group.size)}
@@ -299,7 +337,7 @@ class Reconciler:
         if plan.waiting:
             waiting = (f"waiting for {', '.join(plan.waiting)} to terminate", *waiting)
         running = 0 if plan.restart else sum(s.running for s in members)
-        return GroupReport(group.role, group.size, running, plan.restart, waiting)
+        return GroupReport(group.role, group.size, running, plan.restart, waiting, plan.model_unavailable)
 
     def _delete(self, owner: Owner, plan: GroupPlan) -> None:
         for state in plan.delete:

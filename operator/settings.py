@@ -35,6 +35,9 @@ class OperatorSettings:
     """Base URL of a head's Ray dashboard; `{service}` is the head Service, `{namespace}` and `{port}`
     (8265) as named. Override it to run the operator outside the cluster behind a port-forward or
     proxy. Default: the head Service's cluster DNS name."""
+    model_retry_s: float = 60.0
+    """Seconds a pod whose model check failed is kept (the status says ModelUnavailable and why)
+    before its group restarts to check again. Default: 60."""
     liveness_endpoint: str | None = None
     """Kopf's liveness probe endpoint, e.g. http://0.0.0.0:8080/healthz. Default: none."""
 
@@ -43,7 +46,12 @@ class OperatorSettings:
             raise ValueError("give either namespaces or cluster_wide, exactly one of them")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
-        if self.reconcile_interval_s <= 0 or self.dashboard_timeout_s <= 0 or self.dashboard_retry_max_s < 1:
+        if (
+            self.reconcile_interval_s <= 0
+            or self.dashboard_timeout_s <= 0
+            or self.dashboard_retry_max_s < 1
+            or self.model_retry_s <= 0
+        ):
             raise ValueError("intervals and timeouts must be positive (dashboard_retry_max_s >= 1)")
 
     @property
@@ -62,6 +70,7 @@ class OperatorSettings:
                 dashboard_timeout_s=args.dashboard_timeout,
                 dashboard_retry_max_s=args.dashboard_retry_max,
                 dashboard_url_template=args.dashboard_url_template,
+                model_retry_s=args.model_retry_interval,
                 liveness_endpoint=args.liveness,
             )
         except ValueError as err:
@@ -87,5 +96,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dashboard-timeout", type=float, default=d.dashboard_timeout_s, metavar="SECONDS")
     p.add_argument("--dashboard-retry-max", type=float, default=d.dashboard_retry_max_s, metavar="SECONDS")
     p.add_argument("--dashboard-url-template", default=d.dashboard_url_template, metavar="TEMPLATE")
+    p.add_argument("--model-retry-interval", type=float, default=d.model_retry_s, metavar="SECONDS")
     p.add_argument("--liveness", default=None, metavar="URL", help="e.g. http://0.0.0.0:8080/healthz")
     return p

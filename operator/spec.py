@@ -18,9 +18,13 @@ from typing import Any, Literal
 
 from moeserve.serve_config import EngineLimits, ModelSpec, Ports, ServeAppConfig
 
-TopologyPolicy = Literal["Spread", "Pack"]
-TOPOLOGY_POLICIES: tuple[str, ...] = ("Spread", "Pack")
+Packing = Literal["Preferred", "Required"]
+PACKINGS: tuple[str, ...] = ("Preferred", "Required")
 DEFAULT_TOPOLOGY_KEY = "kubernetes.io/hostname"
+VOLUME_SOURCES: tuple[str, ...] = ("persistentVolumeClaim", "hostPath", "image", "nfs", "csi")
+"""The Kubernetes volume sources `spec.model.volume` may name (the CRD's schema spells out each)."""
+PULL_POLICIES: tuple[str, ...] = ("Always", "IfNotPresent", "Never")
+DEFAULT_STARTUP_S = 600
 
 # CRD name (camelCase) -> EngineLimits field.
 ENGINE_FIELDS: dict[str, str] = {
@@ -44,6 +48,18 @@ class ModelSource:
     """Weight and KV-cache dtype (bfloat16, float16, float32)."""
     max_model_len: int | None = None
     """Longest prompt + completion in tokens; None = the checkpoint's."""
+    volume: Mapping[str, Any] | None = None
+    """A Kubernetes volume source with exactly one of VOLUME_SOURCES, mounted read-only at `path`
+    in every Ray pod; None = the image (or a node-level mount) provides `path`."""
+    sub_path: str = ""
+    """Directory inside the volume that holds the checkpoint; "" = the volume's root."""
+
+
+@dataclass(frozen=True)
+class Probes:
+    startup_s: int = DEFAULT_STARTUP_S
+    """Seconds a Ray pod's startup probe allows before the kubelet kills it (a generous budget for
+    slow nodes and cold volumes; liveness and readiness probing start after it)."""
 
 
 @dataclass(frozen=True)
@@ -76,11 +92,13 @@ class Scheduling:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
     affinity: Mapping[str, Any] = field(default_factory=dict)
-    """Merged into every pod's affinity (Pack adds a preferred pod-affinity term to it)."""
+    """Merged into every pod's affinity (worker pods also get the instance packing terms)."""
     topology_key: str = DEFAULT_TOPOLOGY_KEY
-    """Node label that Spread spreads over and Pack packs into (e.g. topology.kubernetes.io/zone)."""
-    policy: TopologyPolicy = "Spread"
-    """Spread: each worker group spreads evenly over topology_key domains. Pack: prefer one domain."""
+    """Node label of the domain (rack, zone) that the ranks of one model instance are packed into
+    after their node, and that different instances spread over (builders.instance_affinity)."""
+    packing: Packing = "Preferred"
+    """Preferred: packing and spreading are scheduler preferences. Required: the ranks of one
+    instance must share a topology_key domain (pods wait Pending rather than straddle two)."""
     priority_class_name: str = ""
 
 
@@ -89,6 +107,9 @@ class MoEServiceSpec:
     image: str
     """Image of the Ray head and worker pods (moeserve with the `ray` extra)."""
     model: ModelSource
+    image_pull_policy: str = ""
+    """Always, IfNotPresent or Never; "" = Kubernetes' default for the image's tag."""
+    probes: Probes = field(default_factory=Probes)
     replicas: int = ServeAppConfig.replicas
     """Model instances; 0 keeps the Ray head but runs no worker pods and no Serve application."""
     attention: RankGroup = field(default_factory=lambda: RankGroup(ranks=ServeAppConfig.attention_ranks))
@@ -108,13 +129,20 @@ class MoEServiceSpec:
         engine = _mapping(serving.get("engine", {}), "spec.serving.engine")
         scheduling = _mapping(spec.get("scheduling", {}), "spec.scheduling")
         head = _mapping(spec.get("head", {}), "spec.head")
+        probes = _mapping(spec.get("probes", {}), "spec.probes")
         placement = experts.get("placement")
         return cls(
             image=_value(spec, "image", str, "spec", required=True),
+            image_pull_policy=_choice(spec, "imagePullPolicy", ("", *PULL_POLICIES), "spec", ""),
             model=ModelSource(
                 path=_value(model, "path", str, "spec.model", required=True),
                 dtype=_value(model, "dtype", str, "spec.model", ModelSource.dtype),
                 max_model_len=_value(model, "maxModelLen", int, "spec.model", None),
+                volume=_volume(model.get("volume"), "spec.model.volume"),
+                sub_path=_value(model, "subPath", str, "spec.model", ""),
+            ),
+            probes=Probes(
+                startup_s=_value(probes, "startupSeconds", int, "spec.probes", DEFAULT_STARTUP_S),
             ),
             replicas=_value(spec, "replicas", int, "spec", cls.replicas),
             attention=_rank_group(attention, "spec.attention", ServeAppConfig.attention_ranks),
@@ -145,7 +173,7 @@ class MoEServiceSpec:
                 tolerations=tuple(_value(scheduling, "tolerations", list, "spec.scheduling", [])),
                 affinity=dict(_mapping(scheduling.get("affinity", {}), "spec.scheduling.affinity")),
                 topology_key=_value(scheduling, "topologyKey", str, "spec.scheduling", DEFAULT_TOPOLOGY_KEY),
-                policy=_choice(scheduling, "policy", TOPOLOGY_POLICIES, "spec.scheduling", "Spread"),
+                packing=_choice(scheduling, "packing", PACKINGS, "spec.scheduling", "Preferred"),
                 priority_class_name=_value(scheduling, "priorityClassName", str, "spec.scheduling", ""),
             ),
             head_resources=dict(_mapping(head.get("resources", {}), "spec.head.resources")),
@@ -196,6 +224,16 @@ def _rank_group(raw: Mapping[str, Any], path: str, default_ranks: int, placement
         resources=dict(_mapping(raw.get("resources", {}), f"{path}.resources")),
         placement=None if placement is None else _placement(placement, f"{path}.placement"),
     )
+
+
+def _volume(raw: Any, path: str) -> Mapping[str, Any] | None:
+    if raw is None:
+        return None
+    volume = _mapping(raw, path)
+    sources = [key for key in volume if key in VOLUME_SOURCES]
+    if len(sources) != 1 or len(volume) != 1:
+        raise SpecError(f"{path}: must set exactly one of {', '.join(VOLUME_SOURCES)}, got {sorted(volume)}")
+    return {sources[0]: dict(_mapping(volume[sources[0]], f"{path}.{sources[0]}"))}
 
 
 def _placement(raw: Any, path: str) -> tuple[tuple[int, ...], ...]:

@@ -25,6 +25,8 @@ class GroupReport:
     """Why the group is being replaced as a unit; "" when it is not."""
     waiting: tuple[str, ...] = ()
     """Why pods are not running yet (scheduler messages)."""
+    model_unavailable: str = ""
+    """`pod: message` of a member whose model check failed (groups.GroupPlan.model_unavailable)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Observation:
     """The head (a group of one) first, then the worker groups."""
     instances: int = 0
     serve: ServeReport = ServeReport("NotAttempted")
+    model_retry_s: float = 0.0
+    """How long a group whose model check failed waits before it checks again (for the message)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,13 @@ def conditions(obs: Observation) -> tuple[Condition, Condition, Condition]:
     if obs.rejected:
         msg = f"the API server refused an object: {obs.rejected}"
         return of((False, "ChildRejected", msg), (False, "ChildRejected", msg), (True, "ChildRejected", msg))
+    missing = [g for g in obs.groups if g.model_unavailable]
+    if missing:
+        msg = "; ".join(f"{g.role} pod {g.model_unavailable}" for g in missing)
+        if obs.model_retry_s:
+            msg += f" (checked again every {obs.model_retry_s:g} s)"
+        bad = (False, "ModelUnavailable", msg)
+        return of(bad, bad, (True, "ModelUnavailable", msg))
     restarts = [f"{g.role} group restarts: {g.restart}" for g in obs.groups if g.restart]
     if restarts:
         msg = "; ".join(restarts)

@@ -47,12 +47,28 @@ MANAGED_BY: Final = "moeserve-operator"
 ANNOTATION_TEMPLATE_HASH: Final = "moeserve.io/template-hash"  # hash of the pod template a pod was made from
 ANNOTATION_HEAD_UID: Final = "moeserve.io/head-uid"  # uid of the Ray head pod a worker pod joined
 ANNOTATION_GROUP_SIZE: Final = "moeserve.io/group-size"  # size of the worker group a pod belongs to
+# A worker pod's model instance (index // ranks): the key of the instance packing affinity terms
+# (matchLabelKeys / mismatchLabelKeys) and a Ray node label of the pod's Ray node.
+LABEL_INSTANCE: Final = "moeserve.io/instance"
+# On the head pod while Ray reports the Serve application RUNNING; the client Service selects it.
+LABEL_SERVE_READY: Final = "moeserve.io/serve"
+SERVE_READY: Final = "true"
+# Init containers of the Ray pods
+MODEL_CHECK_CONTAINER: Final = "model-check"  # fails, with a termination message, without the model
+WAIT_FOR_HEAD_CONTAINER: Final = "wait-for-head"  # workers: until the head's GCS answers
+MODEL_VOLUME_NAME: Final = "model"
 
 # Ray cluster inside the pods
 RAY_GCS_PORT: Final = 6379
 RAY_GCS_PORT_NAME: Final = "gcs"
 RAY_DASHBOARD_PORT: Final = 8265
 RAY_DASHBOARD_PORT_NAME: Final = "dashboard"
+# Every Ray node's dashboard agent (`ray start --dashboard-agent-listen-port`); probes use its
+# unauthenticated /api/local_raylet_healthz.
+RAY_AGENT_PORT: Final = 52365
+RAY_AGENT_PORT_NAME: Final = "agent"
+RAY_GCS_HEALTH_PATH: Final = "/api/gcs_healthz"  # head dashboard: GCS alive (no token needed)
+RAY_RAYLET_HEALTH_PATH: Final = "/api/local_raylet_healthz"  # agent: this node's raylet alive in GCS
 RAY_SERVE_APPLICATIONS_PATH: Final = "/api/serve/applications/"  # Ray's Serve REST API (PUT, GET)
 # Ray custom resources: one unit per worker pod; each rank's actor asks for one unit of its role's.
 # Ray token authentication (Ray >= 2.52): every Ray pod of a MoEService reads one token from a

@@ -9,13 +9,8 @@ Running pods, and then says that the Serve application waits for the Ray dashboa
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,165 +20,29 @@ from kubernetes import client
 
 from moeserve import contract
 from moeserve.serve_config import ServeAppConfig
-from tests.controlplane import DEFAULT_NODES, GPU_RESOURCE, ZONE_LABEL, ControlPlane, locate_binaries
-from tests.controlplane.processes import Supervisor
+from tests.controlplane import DEFAULT_NODES, GPU_RESOURCE, ZONE_LABEL, ControlPlane
 from tests.controlplane.waiting import wait_until
+from tests.k8s.operator_support import (
+    GROUP,
+    PLURAL,
+    RELEASE,
+    Cluster,
+    Installed,
+    Json,
+    Kubectl,
+    Operator,
+    apply,
+    condition,
+    helm,
+    install_chart,
+    running,
+    uids,
+    uninstall_chart,
+    wait_running,
+)
 from tests.moeservices import CHART, example, moeservice
 
 pytestmark = pytest.mark.k8s
-
-RELEASE = "moeserve"
-SERVICE_ACCOUNT = "moeserve-moeserve-operator"
-GROUP, VERSION, PLURAL = contract.API_GROUP, contract.API_VERSION, contract.PLURAL
-Kubectl = Callable[..., Any]
-Json = dict[str, Any]
-
-
-# -- helpers -------------------------------------------------------------------------------------
-
-
-def helm(kubeconfig: Path, *args: str, check: bool = True) -> Any:
-    import subprocess
-
-    command = [str(locate_binaries() / "helm"), f"--kubeconfig={kubeconfig}", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return done
-
-
-@dataclass
-class Cluster:
-    """Reads as plain dicts through the admin client."""
-
-    api: client.ApiClient
-
-    def _get(self, path: str, query: list[tuple[str, str]] | None = None) -> Json:
-        request = self.api.param_serialize(
-            "GET", path, query_params=query or [], header_params={"Accept": "application/json"}
-        )
-        response = self.api.call_api(*request, _request_timeout=30)
-        data = response.read()
-        if response.status == 404:
-            return {}
-        assert response.status == 200, data
-        answer: Json = json.loads(data)
-        return answer
-
-    def objects(self, kind: str, namespace: str, selector: str = "") -> list[Json]:
-        prefix = f"/apis/{GROUP}/{VERSION}" if kind == PLURAL else "/api/v1"
-        query = [("labelSelector", selector)] if selector else []
-        items: list[Json] = self._get(f"{prefix}/namespaces/{namespace}/{kind}", query).get("items", [])
-        return items
-
-    def moe(self, namespace: str, name: str) -> Json:
-        return self._get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
-
-    def pods(self, namespace: str, service: str, role: str | None = None) -> dict[str, Json]:
-        selector = f"{contract.LABEL_SERVICE}={service}" + (f",{contract.LABEL_ROLE}={role}" if role else "")
-        return {p["metadata"]["name"]: p for p in self.objects("pods", namespace, selector)}
-
-    def events(self, namespace: str, name: str) -> list[Json]:
-        selector = [("fieldSelector", f"involvedObject.kind={contract.KIND},involvedObject.name={name}")]
-        items: list[Json] = self._get(f"/api/v1/namespaces/{namespace}/events", selector).get("items", [])
-        return items
-
-
-def condition(moe: Json, kind: str) -> Json:
-    return next((c for c in moe.get("status", {}).get("conditions", []) if c["type"] == kind), {})
-
-
-def running(pods: dict[str, Json]) -> bool:
-    return bool(pods) and all(p.get("status", {}).get("phase") == "Running" for p in pods.values())
-
-
-def uids(pods: dict[str, Json]) -> dict[str, str]:
-    return {name: p["metadata"]["uid"] for name, p in pods.items()}
-
-
-class Operator:
-    """`moeserve-operator` as a local process with the chart ServiceAccount's kubeconfig; it dies
-    with the test process. Each instance has its own state directory (pid file, log)."""
-
-    def __init__(self, state_dir: Path, kubeconfig: Path, namespace: str) -> None:
-        self.supervisor = Supervisor(state_dir / "pids", state_dir / "logs", die_with_parent=True)
-        self.kubeconfig = kubeconfig
-        self.namespace = namespace
-
-    def start(self) -> Operator:
-        script = Path(sys.executable).parent / "moeserve-operator"
-        assert script.is_file(), f"{script} missing: pip install -e '.[operator]' into this environment"
-        argv = [
-            str(script),
-            f"--namespace={self.namespace}",
-            "--reconcile-interval=2",
-            "--dashboard-retry-max=4",
-            "--dashboard-timeout=2",
-        ]
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-        self.supervisor.start("operator", argv, env=env)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup, as when a node dies or the OOM killer strikes."""
-        (record,) = self.supervisor.records()
-        os.killpg(record.pid, signal.SIGKILL)
-        self.supervisor.stop_all()  # reaps it
-
-    def stop(self) -> None:
-        self.supervisor.stop_all()
-
-    def log(self) -> str:
-        return (self.supervisor.log_dir / "operator.log").read_text(errors="replace")
-
-
-@dataclass
-class Installed:
-    namespace: str
-    kubeconfig: Path
-    """The chart ServiceAccount's kubeconfig."""
-
-
-def install_chart(plane: ControlPlane, core: Any) -> Installed:
-    namespace = f"moe-{uuid.uuid4().hex[:6]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
-    helm(
-        plane.kubeconfig,
-        "install",
-        RELEASE,
-        str(CHART),
-        f"--namespace={namespace}",
-        "--set=operator.logLevel=DEBUG",
-    )
-    wait_until(
-        "the chart's ServiceAccount",
-        lambda: core.read_namespaced_service_account(SERVICE_ACCOUNT, namespace),
-        timeout_s=30,
-        ignore=(client.ApiException,),
-    )
-    return Installed(namespace, plane.service_account_kubeconfig(namespace, SERVICE_ACCOUNT))
-
-
-def uninstall_chart(plane: ControlPlane, core: Any, installed: Installed) -> None:
-    helm(plane.kubeconfig, "uninstall", RELEASE, f"--namespace={installed.namespace}", check=False)
-    core.delete_namespace(installed.namespace)
-
-
-def apply(kubectl: Kubectl, tmp_path: Path, namespace: str, manifest: Json, check: bool = True) -> Any:
-    path = tmp_path / f"{manifest['metadata']['name']}-{uuid.uuid4().hex[:4]}.yaml"
-    path.write_text(yaml.safe_dump(manifest))
-    return kubectl("apply", "-n", namespace, "-f", str(path), check=check)
-
-
-def wait_running(
-    cluster: Cluster, namespace: str, name: str, pods: int, timeout_s: float = 60
-) -> dict[str, Json]:
-    def ready() -> dict[str, Json]:
-        found = cluster.pods(namespace, name)
-        return found if len(found) == pods and running(found) else {}
-
-    result: dict[str, Json] = wait_until(f"{pods} Running pods of {name}", ready, timeout_s=timeout_s)
-    return result
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -281,6 +140,8 @@ def test_chart_installs_the_crd_and_an_operator_with_least_privilege(
     for allowed in (
         ("create", "pods"),
         ("delete", "pods"),
+        ("patch", "pods"),  # the group-size annotation and the head's serve label
+        ("watch", "pods"),
         ("patch", "moeservices.moeserve.io/status"),
         ("create", "events"),
         ("create", "secrets"),  # each MoEService's Ray auth token: created once, then read
@@ -356,7 +217,59 @@ def test_chart_installs_the_crd_and_an_operator_with_least_privilege(
             {"serving": {"engine": {"kvCacheTokens": 8, "blockSize": 16}}},
             "kvCacheTokens must hold at least one block",
         ),
-        ("demo", {"scheduling": {"policy": "Fill"}}, 'spec.scheduling.policy: Unsupported value: "Fill"'),
+        ("demo", {"scheduling": {"packing": "Fill"}}, 'spec.scheduling.packing: Unsupported value: "Fill"'),
+        (
+            "demo",
+            {"attention": {"gpusPerRank": 0}, "experts": {"gpusPerRank": 1}},
+            "attention.gpusPerRank and experts.gpusPerRank must both be 0 (CPU, gloo) or both be at least 1",
+        ),
+        (
+            "demo",
+            {"model": {"volume": {}}},
+            "model.volume must set exactly one of persistentVolumeClaim, hostPath, image, nfs, csi",
+        ),
+        (
+            "demo",
+            {"model": {"volume": {"hostPath": {"path": "/m"}, "persistentVolumeClaim": {"claimName": "m"}}}},
+            "model.volume must set exactly one of persistentVolumeClaim, hostPath, image, nfs, csi",
+        ),
+        (
+            "demo",
+            {"model": {"volume": {"persistentVolumeClaim": {}}}},
+            "spec.model.volume.persistentVolumeClaim.claimName: Required value",
+        ),
+        (
+            "demo",
+            {"model": {"path": "models/tiny", "volume": {"persistentVolumeClaim": {"claimName": "m"}}}},
+            "model.path must be an absolute directory other than / when model.volume is set",
+        ),
+        (
+            "demo",
+            {"model": {"path": "/", "volume": {"persistentVolumeClaim": {"claimName": "m"}}}},
+            "model.path must be an absolute directory other than / when model.volume is set",
+        ),
+        ("demo", {"model": {"subPath": "tiny"}}, "model.subPath selects a directory of model.volume"),
+        (
+            "demo",
+            {"model": {"subPath": "../etc", "volume": {"persistentVolumeClaim": {"claimName": "m"}}}},
+            "model.subPath must be a relative path without '..'",
+        ),
+        (
+            "demo",
+            {"model": {"volume": {"hostPath": {"path": "/m", "type": "Socket"}}}},
+            'spec.model.volume.hostPath.type: Unsupported value: "Socket"',
+        ),
+        (
+            "demo",
+            {"model": {"volume": {"image": {"reference": "r/m:1", "pullPolicy": "Sometimes"}}}},
+            'spec.model.volume.image.pullPolicy: Unsupported value: "Sometimes"',
+        ),
+        (
+            "demo",
+            {"probes": {"startupSeconds": 1}},
+            "spec.probes.startupSeconds in body should be greater than or equal to 10",
+        ),
+        ("demo", {"imagePullPolicy": "Sometimes"}, 'spec.imagePullPolicy: Unsupported value: "Sometimes"'),
         ("9lives", {}, "metadata.name must be a DNS label of at most 50 characters starting with a letter"),
         ("x" * 51, {}, "metadata.name must be a DNS label of at most 50 characters"),
     ],
@@ -370,6 +283,34 @@ def test_the_api_server_rejects_invalid_moeservices_with_clear_messages(
     done = kubectl("apply", "--dry-run=server", "-n", installed.namespace, "-f", str(path), check=False)
     assert done.returncode != 0, f"accepted: {spec}"
     assert message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "volume",
+    [
+        {"persistentVolumeClaim": {"claimName": "models"}},
+        {"hostPath": {"path": "/data/models"}},
+        {"image": {"reference": "registry.invalid/tiny-model:1", "pullPolicy": "IfNotPresent"}},
+        {"nfs": {"server": "nfs.example", "path": "/export/models"}},
+        {"csi": {"driver": "blob.csi.azure.com", "volumeAttributes": {"container": "models"}}},
+    ],
+)
+def test_every_volume_source_is_accepted_and_cpu_only_ranks_too(
+    installed: Installed, kubectl: Kubectl, tmp_path: Path, volume: Json
+) -> None:
+    manifest = moeservice(
+        "ok",
+        model={"path": "/models/tiny", "volume": volume, "subPath": "tiny"},
+        attention={"gpusPerRank": 0},
+        experts={"gpusPerRank": 0},
+    )
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    done = kubectl("apply", "--dry-run=server", "-o", "json", "-n", installed.namespace, "-f", str(path))
+    stored = json.loads(done.stdout)["spec"]
+    assert stored["model"]["volume"] == volume, "the API server must keep the volume as given"
+    assert stored["probes"] == {"startupSeconds": 600}
+    assert stored["scheduling"]["packing"] == "Preferred"
 
 
 def test_model_path_and_ranks_cannot_change_but_replicas_can(
@@ -414,6 +355,7 @@ def test_example_gets_every_child_and_a_status_that_says_what_is_missing(
 ) -> None:
     manifest = example()
     name = manifest["metadata"]["name"]
+    claim = models_claim(kubectl, tmp_path, ns)
     apply(kubectl, tmp_path, ns, manifest)
     seen: set[tuple[str, str]] = set()
 
@@ -444,8 +386,33 @@ def test_example_gets_every_child_and_a_status_that_says_what_is_missing(
         limits = spec["containers"][0]["resources"].get("limits", {})
         assert limits.get(GPU_RESOURCE) == (None if role == "head" else "1"), (pod_name, limits)
         assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        # the checkpoint: the example's PVC, read-only at model.path, checked before Ray starts
+        assert {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}} in spec[
+            "volumes"
+        ]
+        mount = {
+            "name": "model",
+            "mountPath": "/models/DeepSeek-V2-Lite",
+            "readOnly": True,
+            "subPath": "DeepSeek-V2-Lite",
+        }
+        assert spec["initContainers"][0]["name"] == "model-check"
+        for c in (spec["initContainers"][0], spec["containers"][0]):
+            assert mount in c["volumeMounts"]
         if role != "head":
-            assert spec["topologySpreadConstraints"][0]["topologyKey"] == ZONE_LABEL
+            # one instance: packed on a node, then a zone; the API server expanded matchLabelKeys
+            assert meta["labels"][contract.LABEL_INSTANCE] == "0"
+            terms = spec["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+            assert [t["podAffinityTerm"]["topologyKey"] for t in terms] == [
+                "kubernetes.io/hostname",
+                ZONE_LABEL,
+            ]
+            assert {"key": contract.LABEL_INSTANCE, "operator": "In", "values": ["0"]} in terms[0][
+                "podAffinityTerm"
+            ]["labelSelector"]["matchExpressions"]
+    assert len({p["spec"]["nodeName"] for n, p in pods.items() if "head" not in n}) == 1, (
+        "the four ranks of the instance fit on one node and must land there"
+    )
 
     # Services and the Serve config
     services = {
@@ -491,6 +458,33 @@ def test_example_gets_every_child_and_a_status_that_says_what_is_missing(
     assert {"RayHeadCreated", "WorkerGroupCreated"} <= reasons, reasons
     assert "Forbidden" not in operator.log()
     kubectl("delete", "moe", name, "-n", ns)
+    kubectl("delete", "pvc", claim, "-n", ns, "--wait=false")
+    kubectl("delete", "pv", f"models-{ns}", "--wait=false")
+
+
+def models_claim(kubectl: Kubectl, tmp_path: Path, namespace: str) -> str:
+    """The example's PVC, pre-bound to a static PersistentVolume made for it: this cluster runs no
+    volume binder, so the test sets what the binder would (volumeName, bind-completed), which is
+    what the scheduler checks. Nothing reads the volume on kwok nodes. Returns the claim's name."""
+    claim: Json = yaml.safe_load((CHART / "examples" / "models-pvc.yaml").read_text())
+    name, volume_name = claim["metadata"]["name"], f"models-{namespace}"
+    volume = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": volume_name, "labels": {"moeserve-test": namespace}},
+        "spec": {
+            "capacity": {"storage": claim["spec"]["resources"]["requests"]["storage"]},
+            "accessModes": claim["spec"]["accessModes"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": "/var/lib/moeserve-test-models"},
+            "claimRef": {"namespace": namespace, "name": name},
+        },
+    }
+    claim["spec"]["volumeName"] = volume_name
+    claim["metadata"]["annotations"] = {"pv.kubernetes.io/bind-completed": "yes"}
+    apply(kubectl, tmp_path, namespace, volume)
+    apply(kubectl, tmp_path, namespace, claim)
+    return name
 
 
 def test_a_placement_serve_config_rejects_is_degraded_until_fixed(

@@ -7,8 +7,12 @@ ServeAppConfig's, and the example maps onto a ServeAppConfig and a deploy docume
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +22,7 @@ from moeserve.operator import builders
 from moeserve.operator.builders import GPU_RESOURCE, Owner
 from moeserve.operator.spec import ENGINE_FIELDS, MoEServiceSpec, SpecError, serve_app_config
 from moeserve.serve_config import EngineLimits, ServeAppConfig, ServeConfigError
-from tests.moeservices import crd, example, merge, moeservice
+from tests.moeservices import REPO, crd, example, merge, moeservice
 
 pytestmark = pytest.mark.unit
 
@@ -32,9 +36,7 @@ def spec_of(**overrides: Any) -> MoEServiceSpec:
 def everything(spec: MoEServiceSpec) -> list[dict[str, Any]]:
     desired = builders.desired_state(OWNER, spec)
     workers = [
-        builders.worker_pod(g.template, OWNER.name, g.role, i, "head-uid")
-        for g in desired.workers
-        for i in range(g.size)
+        builders.worker_pod(g, OWNER.name, i, "head-uid") for g in desired.workers for i in range(g.size)
     ]
     return [desired.config_map, *desired.services, desired.head, *workers]
 
@@ -139,7 +141,7 @@ def test_worker_pods_request_their_gpus_and_offer_one_unit_of_their_ray_resource
     for group, gpus, resource in zip(
         desired.workers, (2, 1), ("moeserve_attention", "moeserve_expert"), strict=True
     ):
-        pod = builders.worker_pod(group.template, OWNER.name, group.role, 1, "head-uid")
+        pod = builders.worker_pod(group, OWNER.name, 1, "head-uid")
         c = container(pod)
         assert c["resources"]["limits"][GPU_RESOURCE] == str(gpus)
         assert c["resources"]["requests"][GPU_RESOURCE] == str(gpus)
@@ -175,35 +177,110 @@ def test_group_sizes_are_replicas_times_ranks() -> None:
     }
 
 
-def test_spread_policy_spreads_each_worker_group_over_the_topology_key() -> None:
+def worker_pods(spec: MoEServiceSpec) -> dict[str, dict[str, Any]]:
+    return {
+        p["metadata"]["name"]: p
+        for p in everything(spec)
+        if p["kind"] == "Pod" and "head" not in p["metadata"]["name"]
+    }
+
+
+def test_worker_pods_are_labelled_with_their_model_instance_across_both_roles() -> None:
+    pods = worker_pods(spec_of(replicas=2, attention={"ranks": 2}, experts={"ranks": 3}))
+    instances = {name: pod["metadata"]["labels"][contract.LABEL_INSTANCE] for name, pod in pods.items()}
+    assert instances == {
+        "demo-attention-0": "0",
+        "demo-attention-1": "0",
+        "demo-attention-2": "1",
+        "demo-attention-3": "1",
+        "demo-expert-0": "0",
+        "demo-expert-1": "0",
+        "demo-expert-2": "0",
+        "demo-expert-3": "1",
+        "demo-expert-4": "1",
+        "demo-expert-5": "1",
+    }
+    for name, pod in pods.items():  # the Ray node says it too (ray status, placement-group selectors)
+        assert container(pod)["command"][-1] == f"--labels=moeserve.io/instance={instances[name]}"
+
+
+def test_instance_ranks_pack_onto_a_node_then_a_domain_and_instances_spread() -> None:
     spec = spec_of(scheduling={"topologyKey": "topology.kubernetes.io/zone"})
     desired = builders.desired_state(OWNER, spec)
+    service_only = {"matchLabels": {contract.LABEL_SERVICE: "demo"}}
     for group in desired.workers:
-        (constraint,) = group.template["spec"]["topologySpreadConstraints"]
-        assert constraint["topologyKey"] == "topology.kubernetes.io/zone"
-        assert constraint["maxSkew"] == 1
-        assert constraint["labelSelector"]["matchLabels"] == builders.labels("demo", group.role)
-    assert "topologySpreadConstraints" not in desired.head["spec"]
+        affinity = group.template["spec"]["affinity"]
+        assert affinity["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"] == [
+            {
+                "weight": 100,
+                "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": service_only,
+                    "matchLabelKeys": ["moeserve.io/instance"],
+                },
+            },
+            {
+                "weight": 50,
+                "podAffinityTerm": {
+                    "topologyKey": "topology.kubernetes.io/zone",
+                    "labelSelector": service_only,
+                    "matchLabelKeys": ["moeserve.io/instance"],
+                },
+            },
+        ]
+        assert "requiredDuringSchedulingIgnoredDuringExecution" not in affinity["podAffinity"]
+        (spread,) = affinity["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert spread == {
+            "weight": 20,
+            "podAffinityTerm": {
+                "topologyKey": "topology.kubernetes.io/zone",
+                "labelSelector": {
+                    "matchLabels": {contract.LABEL_SERVICE: "demo"},
+                    "matchExpressions": [{"key": "moeserve.io/instance", "operator": "Exists"}],
+                },
+                "mismatchLabelKeys": ["moeserve.io/instance"],
+            },
+        }
+        assert spread["weight"] < 50, "spreading instances must never outweigh packing one"
+        assert "topologySpreadConstraints" not in group.template["spec"]
+    assert "affinity" not in desired.head["spec"]
 
 
-def test_pack_policy_prefers_one_domain_and_keeps_the_users_affinity() -> None:
+def test_hostname_topology_packs_on_the_node_only_and_required_packing_is_hard() -> None:
+    spec = spec_of(scheduling={"packing": "Required"})
+    affinity = builders.desired_state(OWNER, spec).workers[0].template["spec"]["affinity"]
+    (node,) = affinity["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert node["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    (required,) = affinity["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert required["topologyKey"] == "kubernetes.io/hostname"
+    assert required["matchLabelKeys"] == ["moeserve.io/instance"]
+    (spread,) = affinity["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert spread["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_instance_terms_are_added_to_the_users_affinity() -> None:
     node_affinity: dict[str, Any] = {
         "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}
     }
+    mine = {"weight": 1, "podAffinityTerm": {"topologyKey": "moeserve.io/rack", "labelSelector": {}}}
     spec = spec_of(
         scheduling={
-            "policy": "Pack",
             "topologyKey": "moeserve.io/rack",
-            "affinity": {"nodeAffinity": node_affinity},
+            "affinity": {
+                "nodeAffinity": node_affinity,
+                "podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [mine]},
+            },
         }
     )
     template = builders.desired_state(OWNER, spec).workers[1].template
     affinity = template["spec"]["affinity"]
     assert affinity["nodeAffinity"] == node_affinity
-    (term,) = affinity["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
-    assert term["podAffinityTerm"]["topologyKey"] == "moeserve.io/rack"
-    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"][contract.LABEL_ROLE] == "expert"
-    assert "topologySpreadConstraints" not in template["spec"]
+    preferred = affinity["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred[0] == mine and [t["weight"] for t in preferred[1:]] == [100, 50]
+    assert builders.desired_state(OWNER, spec).head["spec"]["affinity"] == {
+        "nodeAffinity": node_affinity,
+        "podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [mine]},
+    }
 
 
 def test_node_selector_tolerations_and_priority_go_to_every_pod() -> None:
@@ -242,10 +319,12 @@ def test_scaling_keeps_the_pod_templates_and_a_spec_change_does_not() -> None:
 def test_services_expose_the_head_and_the_grpc_endpoint() -> None:
     spec = spec_of(serving={"grpcPort": 9100})
     head, client = builders.desired_state(OWNER, spec).services
-    head_selector = {contract.LABEL_SERVICE: "demo", contract.LABEL_ROLE: "head"}
+    head_selector = builders.labels("demo", "head")
+    assert head_selector[contract.LABEL_ROLE] == "head" and head_selector[contract.LABEL_SERVICE] == "demo"
     assert head["metadata"]["name"] == "demo-head" and client["metadata"]["name"] == "demo"
-    for service in (head, client):
-        assert head_selector.items() <= service["spec"]["selector"].items()
+    assert head["spec"]["selector"] == head_selector
+    # clients reach only a head whose Serve application the operator saw RUNNING
+    assert client["spec"]["selector"] == {**head_selector, "moeserve.io/serve": "true"}
     assert {p["name"]: p["port"] for p in head["spec"]["ports"]} == {
         "gcs": 6379,
         "dashboard": 8265,
@@ -255,8 +334,183 @@ def test_services_expose_the_head_and_the_grpc_endpoint() -> None:
         ("grpc", 9100, "grpc")
     ]
     ports = {p["name"]: p["containerPort"] for p in container(builders.head_pod(OWNER, spec))["ports"]}
-    assert ports == {"gcs": 6379, "dashboard": 8265, "grpc": 9100, "metrics": 8080}
+    assert ports == {"gcs": 6379, "dashboard": 8265, "grpc": 9100, "agent": 52365, "metrics": 8080}
     assert builders.endpoint(OWNER, spec) == "demo.models.svc:9100"
+
+
+# -- the model volume, init containers, probes -----------------------------------------------------
+
+
+def pods_of(spec: MoEServiceSpec) -> list[dict[str, Any]]:
+    return [o for o in everything(spec) if o["kind"] == "Pod"]
+
+
+@pytest.mark.parametrize(
+    "source, attached",
+    [
+        ({"persistentVolumeClaim": {"claimName": "models"}}, {"claimName": "models", "readOnly": True}),
+        ({"hostPath": {"path": "/data/tiny"}}, {"path": "/data/tiny"}),
+        ({"image": {"reference": "registry.invalid/tiny:1"}}, {"reference": "registry.invalid/tiny:1"}),
+        ({"nfs": {"server": "nfs", "path": "/m"}}, {"server": "nfs", "path": "/m", "readOnly": True}),
+        ({"csi": {"driver": "x.csi.io"}}, {"driver": "x.csi.io", "readOnly": True}),
+    ],
+)
+def test_the_model_volume_is_mounted_read_only_at_the_model_path_in_every_ray_pod(
+    source: dict[str, Any], attached: dict[str, Any]
+) -> None:
+    spec = spec_of(model={"path": "/models/tiny", "volume": source, "subPath": "tiny"})
+    ((kind, _),) = source.items()
+    pods = pods_of(spec)
+    assert len(pods) == 5
+    for pod in pods:
+        (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "model"]
+        assert volume == {"name": "model", kind: attached}
+        mount = {"name": "model", "mountPath": "/models/tiny", "readOnly": True, "subPath": "tiny"}
+        check = pod["spec"]["initContainers"][0]
+        assert check["name"] == "model-check" and check["volumeMounts"] == [mount]
+        assert mount in container(pod)["volumeMounts"]
+
+
+def test_without_a_volume_the_pods_still_check_the_model_path_but_mount_nothing() -> None:
+    for pod in pods_of(spec_of()):
+        assert [v["name"] for v in pod["spec"]["volumes"] if v["name"] == "model"] == []
+        check = pod["spec"]["initContainers"][0]
+        assert check["env"] == [{"name": "MOESERVE_MODEL_PATH", "value": "/models/tiny"}]
+        assert check["command"] == ["sh", "-c", builders.MODEL_CHECK_SCRIPT]
+        assert check["terminationMessagePolicy"] == "FallbackToLogsOnError"
+        assert all(m["name"] != "model" for m in container(pod)["volumeMounts"])
+
+
+def run_model_check(path: Path, tmp_path: Path) -> tuple[int, str, str]:
+    log = tmp_path / "termination-log"
+    env = {"PATH": "/usr/bin:/bin", "MOESERVE_MODEL_PATH": str(path), "MOESERVE_TERMINATION_LOG": str(log)}
+    done = subprocess.run(
+        ["sh", "-c", builders.MODEL_CHECK_SCRIPT], env=env, capture_output=True, text=True, timeout=30
+    )
+    return done.returncode, done.stderr.strip(), log.read_text().strip() if log.exists() else ""
+
+
+def test_model_check_fails_with_a_one_line_termination_message_naming_the_path(tmp_path: Path) -> None:
+    model = tmp_path / "models" / "tiny dir"  # a space: the path is data, not script text
+    code, stderr, message = run_model_check(model, tmp_path)
+    assert code == 1
+    assert (
+        message
+        == f"model unavailable at {model}: no such directory (is the model volume bound and populated?)"
+    )
+    assert stderr == message
+    model.mkdir(parents=True)
+    code, _, message = run_model_check(model, tmp_path)
+    assert (code, message) == (
+        1,
+        f"model unavailable at {model}: no config.json readable by uid {os.getuid()}",
+    )
+    (model / "config.json").write_text("{}")
+    code, _, message = run_model_check(model, tmp_path)
+    assert code == 1 and message.endswith(
+        "no model.safetensors or model.safetensors.index.json readable by uid " + str(os.getuid())
+    )
+    (model / "model.safetensors.index.json").write_text("{}")
+    (tmp_path / "termination-log").unlink()
+    assert run_model_check(model, tmp_path) == (0, "", "")
+
+
+def test_the_embedded_model_passes_the_model_check(tmp_path: Path) -> None:
+    embedded = REPO / "workers" / "assets" / "default-model"
+    assert run_model_check(embedded, tmp_path)[0] == 0
+
+
+def test_probes_use_rays_unauthenticated_health_endpoints() -> None:
+    spec = spec_of(probes={"startupSeconds": 900})
+    desired = builders.desired_state(OWNER, spec)
+    head = container(desired.head)
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert head[kind]["httpGet"] == {"path": "/api/gcs_healthz", "port": "dashboard"}
+    assert head["startupProbe"]["periodSeconds"] * head["startupProbe"]["failureThreshold"] == 900
+    assert head["livenessProbe"]["periodSeconds"] * head["livenessProbe"]["failureThreshold"] == 60
+    assert "--dashboard-agent-listen-port=52365" in head["command"]
+    for group in desired.workers:
+        worker = container(group.template)
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert worker[kind]["httpGet"] == {"path": "/api/local_raylet_healthz", "port": "agent"}
+        assert worker["startupProbe"]["periodSeconds"] * worker["startupProbe"]["failureThreshold"] == 900
+        assert {"name": "agent", "containerPort": 52365, "protocol": "TCP"} in worker["ports"]
+        assert "--dashboard-agent-listen-port=52365" in worker["command"]
+
+
+def test_ray_paths_are_public_in_the_installed_ray() -> None:
+    """The probes carry no token: the endpoints they use must stay exempt from Ray's token auth."""
+    import inspect
+
+    from ray.dashboard import http_server_agent, http_server_head
+
+    assert "/api/gcs_healthz" in inspect.getsource(http_server_head)
+    assert "/api/local_raylet_healthz" in http_server_agent.PUBLIC_EXACT_PATHS
+
+
+class _Healthz(BaseHTTPRequestHandler):
+    answers: list[bytes] = []
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = self.answers.pop(0) if self.answers else b"success"
+        self.send_response(200 if body == b"success" else 503)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_workers_wait_for_the_heads_gcs_before_ray_start() -> None:
+    template = builders.desired_state(OWNER, spec_of()).workers[0].template
+    model_check, wait = template["spec"]["initContainers"]
+    assert (model_check["name"], wait["name"]) == ("model-check", "wait-for-head")
+    (env,) = wait["env"]
+    assert env["value"] == "http://demo-head.models.svc:8265/api/gcs_healthz"
+    _Healthz.answers = [b"not yet"]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Healthz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api/gcs_healthz"
+        env_vars = {**os.environ, "MOESERVE_HEAD_HEALTH_URL": url}
+        command = [sys.executable if c == "python" else c for c in wait["command"]]
+        done = subprocess.run(command, env=env_vars, capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"waiting for the Ray head at {url}: HTTP Error 503: Service Unavailable",
+        f"the Ray head answers at {url}",
+    ]
+
+
+def test_cpu_only_services_ask_for_no_gpu_and_run_gloo() -> None:
+    spec = spec_of(attention={"gpusPerRank": 0}, experts={"gpusPerRank": 0})
+    for pod in pods_of(spec):
+        assert GPU_RESOURCE not in json.dumps(pod)
+        assert "tolerations" not in pod["spec"] and "nodeSelector" not in pod["spec"]
+    cfg = serve_app_config(spec)
+    assert (cfg.gpus_per_attention_rank, cfg.gpus_per_expert_rank) == (0.0, 0.0)
+    from moeserve.workers.serve_app import rank_spec  # how the app picks backend and device
+
+    assert rank_spec(cfg).ep.backend == "gloo"
+    gpu = serve_app_config(spec_of())
+    assert rank_spec(gpu).ep.backend == "nccl"
+
+
+def test_ray_pods_run_unprivileged_with_the_specs_pull_policy() -> None:
+    for pod in pods_of(spec_of(imagePullPolicy="Never")):
+        assert pod["spec"]["securityContext"] == {
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        for c in [*pod["spec"]["initContainers"], *pod["spec"]["containers"]]:
+            assert c["imagePullPolicy"] == "Never" and c["image"] == "registry.invalid/moeserve:test"
+            assert c["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+            }
+    assert all("imagePullPolicy" not in c for c in pods_of(spec_of())[0]["spec"]["containers"])
 
 
 # -- reading the spec ------------------------------------------------------------------------------
@@ -271,7 +525,8 @@ def test_a_minimal_spec_gets_the_defaults() -> None:
     assert (cfg.replicas, cfg.attention_ranks, cfg.expert_ranks, cfg.placement) == (1, 1, 1, None)
     assert (cfg.ports.grpc, cfg.ports.metrics, cfg.engine) == (9000, 8080, EngineLimits())
     assert cfg.gpus_per_attention_rank == 1.0 and cfg.gpus_per_expert_rank == 1.0
-    assert spec.scheduling.policy == "Spread" and spec.scheduling.topology_key == "kubernetes.io/hostname"
+    assert spec.scheduling.packing == "Preferred" and spec.scheduling.topology_key == "kubernetes.io/hostname"
+    assert spec.model.volume is None and spec.probes.startup_s == 600 and spec.image_pull_policy == ""
 
 
 @pytest.mark.parametrize(
@@ -282,8 +537,16 @@ def test_a_minimal_spec_gets_the_defaults() -> None:
         ({"image": "x", "model": {"path": "/m"}, "replicas": "2"}, "spec.replicas: expected an integer"),
         ({"image": "x", "model": {"path": "/m"}, "attention": []}, "spec.attention: expected an object"),
         (
-            {"image": "x", "model": {"path": "/m"}, "scheduling": {"policy": "Fill"}},
-            "spec.scheduling.policy: must be one of",
+            {"image": "x", "model": {"path": "/m"}, "scheduling": {"packing": "Fill"}},
+            "spec.scheduling.packing: must be one of",
+        ),
+        (
+            {"image": "x", "model": {"path": "/m", "volume": {"hostPath": {"path": "/a"}, "nfs": {}}}},
+            "spec.model.volume: must set exactly one of",
+        ),
+        (
+            {"image": "x", "model": {"path": "/m", "volume": {"emptyDir": {}}}},
+            "spec.model.volume: must set exactly one of persistentVolumeClaim, hostPath, image, nfs, csi",
         ),
         (
             {"image": "x", "model": {"path": "/m"}, "experts": {"placement": [[0, "a"]]}},

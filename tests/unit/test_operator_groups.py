@@ -128,3 +128,116 @@ def test_pod_state_reads_phase_readiness_annotations_and_scheduling_trouble() ->
     state = PodState.from_pod(pod)
     assert (state.index, state.group_size, state.template_hash, state.head_uid) == (3, 4, HASH, HEAD)
     assert not state.running and state.waiting_reason == "Unschedulable: 0/4 nodes"
+
+
+def pod_with(status: dict[str, Any]) -> PodState:
+    meta = {"name": "demo-expert-0", "uid": "u", "labels": {"moeserve.io/index": "0"}}
+    return PodState.from_pod({"metadata": meta, "status": status})
+
+
+def test_a_failed_model_check_is_read_from_the_init_container_status() -> None:
+    terminated = {
+        "exitCode": 1,
+        "reason": "Error",
+        "message": "model unavailable at /m: no config.json readable by uid 1000\n",
+        "finishedAt": "2027-01-15T08:00:00Z",
+    }
+    state = pod_with(
+        {
+            "phase": "Failed",
+            "initContainerStatuses": [{"name": "model-check", "state": {"terminated": terminated}}],
+        }
+    )
+    assert state.model_error == "model unavailable at /m: no config.json readable by uid 1000"
+    assert state.finished_at == 1_800_000_000.0
+    silent = {**terminated, "message": "", "exitCode": 137, "reason": "OOMKilled"}
+    status = {
+        "phase": "Failed",
+        "initContainerStatuses": [{"name": "model-check", "state": {"terminated": silent}}],
+    }
+    assert pod_with(status).model_error == "exited with code 137 (OOMKilled)"
+    passed = {**terminated, "exitCode": 0}
+    status = {
+        "phase": "Running",
+        "initContainerStatuses": [{"name": "model-check", "state": {"terminated": passed}}],
+    }
+    assert pod_with(status).model_error == ""
+
+
+@pytest.mark.parametrize(
+    "status, reason",
+    [
+        (
+            {
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/4 nodes",
+                    }
+                ]
+            },
+            "Unschedulable: 0/4 nodes",
+        ),
+        (
+            {
+                "initContainerStatuses": [
+                    {
+                        "name": "model-check",
+                        "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "not present"}},
+                    }
+                ]
+            },
+            "model-check: ErrImageNeverPull: not present",
+        ),
+        (
+            {
+                "initContainerStatuses": [
+                    {"name": "model-check", "state": {"terminated": {"exitCode": 0}}},
+                    {"name": "wait-for-head", "state": {"running": {"startedAt": "2027-01-15T08:00:00Z"}}},
+                ],
+                "containerStatuses": [
+                    {"name": "ray-expert", "state": {"waiting": {"reason": "PodInitializing"}}}
+                ],
+            },
+            "in init container wait-for-head",
+        ),
+        (
+            {
+                "containerStatuses": [
+                    {"name": "ray-expert", "state": {"waiting": {"reason": "ContainerCreating"}}}
+                ]
+            },
+            "",
+        ),
+    ],
+)
+def test_why_a_pod_waits_names_the_scheduler_the_image_or_the_init_step(
+    status: dict[str, Any], reason: str
+) -> None:
+    assert pod_with({"phase": "Pending", **status}).waiting_reason == reason
+
+
+def held(i: int, finished_at: float) -> PodState:
+    return member(
+        i, phase="Failed", ready=False, model_error="model unavailable at /m: x", finished_at=finished_at
+    )
+
+
+def test_a_member_whose_model_check_failed_holds_its_group_until_the_hold_expires() -> None:
+    pods = [member(0), held(1, finished_at=1000.0), member(2), member(3)]
+    kept = plan_group(pods, 4, HASH, HEAD, name, now=1059.0, hold_s=60)
+    assert kept == GroupPlan(model_unavailable="demo-expert-1: model unavailable at /m: x")
+    expired = plan_group(pods, 4, HASH, HEAD, name, now=1060.0, hold_s=60)
+    assert expired.restart == "pod demo-expert-1 failed: model unavailable at /m: x"
+    assert {p.name for p in expired.delete} == {name(i) for i in range(4)}
+    # a new spec, or a head that is gone, replaces it at once
+    newer = plan_group(pods, 4, "tmpl-2", HEAD, name, now=1001.0, hold_s=60)
+    assert newer.restart == "pod demo-expert-0 runs an older spec"
+    assert plan_group(pods, 4, HASH, "head-uid-2", name, now=1001.0, hold_s=60).restart.endswith(
+        "joined a Ray head that is gone"
+    )
+    # scaling down while held still removes the extra pods
+    extra = plan_group([*pods, member(4), member(5)], 4, HASH, HEAD, name, now=1001.0, hold_s=60)
+    assert [p.name for p in extra.delete] == [name(4), name(5)] and extra.model_unavailable

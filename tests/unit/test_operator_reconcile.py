@@ -1,8 +1,8 @@
 """Reconcile passes against an in-memory API server and a fake Ray dashboard on localhost.
 
 The fake API server keeps objects by kind and name, refuses duplicates like the real one and marks
-pods Running on request; the fake dashboard speaks the two calls of Ray's Serve REST API and
-validates every PUT with ServeAppConfig, as the Serve app builder would.
+pods Running on request; the fake dashboard (tests/fake_ray_dashboard.py) speaks the two calls of
+Ray's Serve REST API and validates every PUT with ServeAppConfig, as the Serve app builder would.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import base64
 import copy
 import itertools
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -23,7 +21,7 @@ from moeserve.operator.kube import Rejected, Retryable, _classify
 from moeserve.operator.ray_dashboard import ServeClient
 from moeserve.operator.reconcile import Reconciler
 from moeserve.operator.settings import OperatorSettings
-from moeserve.serve_config import ServeAppConfig
+from tests.fake_ray_dashboard import FakeDashboard
 from tests.moeservices import moeservice
 
 pytestmark = pytest.mark.unit
@@ -94,6 +92,15 @@ class FakeKube:
         for pod in self.objects["pods"].values():
             pod["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
 
+    def fail_model_check(self, name: str, message: str, finished_at: str) -> None:
+        """What the kubelet writes when the `model-check` init container of a Never-restart pod fails."""
+        terminated = {"exitCode": 1, "reason": "Error", "message": message, "finishedAt": finished_at}
+        self.objects["pods"][name]["status"] = {
+            "phase": "Failed",
+            "initContainerStatuses": [{"name": "model-check", "state": {"terminated": terminated}}],
+            "conditions": [{"type": "Ready", "status": "False"}],
+        }
+
     def pods(self, role: str) -> dict[str, str]:
         """name -> uid of the pods of `role`."""
         return {
@@ -120,52 +127,6 @@ def _merge(target: Manifest, patch: Manifest) -> None:
             target[key] = copy.deepcopy(value)
 
 
-class FakeDashboard:
-    """Ray's Serve REST API: GET and PUT /api/serve/applications/ on 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.applications: dict[str, Manifest] = {}
-        self.puts: list[Manifest] = []
-        self.authorizations: list[str | None] = []  # the Authorization header of every request
-        self.status_after_put = "DEPLOYING"
-        dashboard = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                dashboard.authorizations.append(self.headers.get("Authorization"))
-                self._answer(200, {"applications": dashboard.applications})
-
-            def do_PUT(self) -> None:  # noqa: N802
-                dashboard.authorizations.append(self.headers.get("Authorization"))
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                for app in body["applications"]:
-                    ServeAppConfig.from_dict(app["args"])  # what build_app runs first
-                dashboard.puts.append(body)
-                dashboard.applications = {
-                    app["name"]: {
-                        "status": dashboard.status_after_put,
-                        "message": "",
-                        "deployed_app_config": app,
-                    }
-                    for app in body["applications"]
-                }
-                self._answer(200, None)
-
-            def _answer(self, code: int, body: Any) -> None:
-                data = json.dumps(body).encode() if body is not None else b""
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -185,14 +146,19 @@ def dashboard() -> Iterator[FakeDashboard]:
     fake.server.server_close()
 
 
-def reconciler(kube: FakeKube, url: str, clock: Clock | None = None) -> tuple[Reconciler, Events]:
-    settings = OperatorSettings(namespaces=("models",), dashboard_url_template=url, dashboard_retry_max_s=8)
+def reconciler(
+    kube: FakeKube, url: str, clock: Clock | None = None, wall_clock: Clock | None = None
+) -> tuple[Reconciler, Events]:
+    settings = OperatorSettings(
+        namespaces=("models",), dashboard_url_template=url, dashboard_retry_max_s=8, model_retry_s=60
+    )
     events: Events = []
 
     def emit(body: Any, event_type: str, reason: str, message: str) -> None:
         events.append((event_type, reason, message))
 
-    return Reconciler(kube, ServeClient(timeout_s=2), settings, emit, clock or Clock()), events  # type: ignore[arg-type]
+    r = Reconciler(kube, ServeClient(timeout_s=2), settings, emit, clock or Clock(), wall_clock or Clock())  # type: ignore[arg-type]
+    return r, events
 
 
 def closed_port_url() -> str:
@@ -449,3 +415,105 @@ def test_the_ray_auth_token_is_made_once_and_every_ray_pod_reads_it() -> None:
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "demo-ray-auth", "key": "token"}
+
+
+def serve_label(kube: FakeKube) -> str | None:
+    label: str | None = kube.objects["pods"]["demo-head"]["metadata"]["labels"].get(
+        contract.LABEL_SERVE_READY
+    )
+    return label
+
+
+def test_the_head_carries_the_serve_label_exactly_while_the_application_runs(
+    dashboard: FakeDashboard,
+) -> None:
+    kube = FakeKube()
+    body = kube.add_moeservice(moeservice())
+    r, _ = reconciler(kube, dashboard.url)
+    reconcile(r, kube)
+    kube.run_pods()
+    reconcile(r, kube)  # deployed: DEPLOYING
+    assert serve_label(kube) is None
+    client = kube.objects["services"]["demo"]["spec"]["selector"]
+    assert client[contract.LABEL_SERVE_READY] == "true" and client[contract.LABEL_ROLE] == "head"
+    dashboard.applications[contract.SERVE_APP_NAME]["status"] = "RUNNING"
+    reconcile(r, kube)
+    assert serve_label(kube) == "true"
+    kube.writes.clear()
+    reconcile(r, kube)
+    assert kube.writes == []  # set once
+    dashboard.applications[contract.SERVE_APP_NAME]["status"] = "UNHEALTHY"
+    reconcile(r, kube)
+    assert serve_label(kube) is None
+    dashboard.applications[contract.SERVE_APP_NAME]["status"] = "RUNNING"
+    reconcile(r, kube)
+    assert serve_label(kube) == "true"
+    # an expert pod lost: the group restarts, the Serve application cannot serve meanwhile
+    del kube.objects["pods"]["demo-expert-0"]
+    reconcile(r, kube)
+    assert kube.condition("Degraded")["reason"] == "WorkerGroupRestart" and serve_label(kube) is None
+    reconcile(r, kube)
+    kube.run_pods()
+    reconcile(r, kube)
+    assert serve_label(kube) == "true"
+    # Ray cannot be asked: the label stays as it was (the head's readiness probe covers a dead head)
+    dashboard.server.shutdown()
+    dashboard.server.server_close()
+    body["spec"]["replicas"] = 1  # any pass
+    reconcile(r, kube)
+    assert kube.condition("Ready")["reason"] == "RayDashboardUnreachable" and serve_label(kube) == "true"
+
+
+MISSING = "model unavailable at /models/tiny: no such directory (is the model volume bound and populated?)"
+
+
+def test_a_pod_without_its_model_is_held_with_a_condition_naming_the_path_then_retried() -> None:
+    kube = FakeKube()
+    kube.add_moeservice(moeservice())
+    wall = Clock()
+    wall.now = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+    r, events = reconciler(kube, closed_port_url(), wall_clock=wall)
+    reconcile(r, kube)
+    kube.run_pods()
+    reconcile(r, kube)
+    experts = kube.pods("expert")
+    kube.fail_model_check("demo-expert-1", MISSING + "\n", "2027-01-15T07:59:58Z")
+    for _ in range(3):
+        status = reconcile(r, kube)
+        wall.now += 10
+    assert kube.pods("expert") == experts  # kept: no restart loop while the model is missing
+    for kind in ("Ready", "Progressing", "Degraded"):
+        assert kube.condition(kind)["reason"] == "ModelUnavailable"
+    degraded = kube.condition("Degraded")
+    assert degraded["status"] == "True" and status["phase"] == "Degraded"
+    assert degraded["message"] == f"expert pod demo-expert-1: {MISSING} (checked again every 60 s)"
+    assert ("Warning", "ModelUnavailable", degraded["message"]) in events
+    assert not [e for e in events if e[1] == "WorkerGroupRestart"]
+    wall.now = 1_800_000_000.0 + 58  # 60 s after the check finished
+    reconcile(r, kube)
+    assert kube.pods("expert") == {}  # the group restarts and checks again
+    restart = [e for e in events if e[1] == "WorkerGroupRestart"]
+    assert restart[0][2] == f"restarting the expert group of 2 pods: pod demo-expert-1 failed: {MISSING}"
+    reconcile(r, kube)
+    assert set(kube.pods("expert")) == set(experts)
+
+
+def test_a_spec_change_replaces_a_pod_held_for_its_model_at_once() -> None:
+    kube = FakeKube()
+    body = kube.add_moeservice(moeservice())
+    wall = Clock()
+    wall.now = 1_800_000_000.0
+    r, _ = reconciler(kube, closed_port_url(), wall_clock=wall)
+    reconcile(r, kube)
+    kube.run_pods()
+    kube.fail_model_check("demo-head", MISSING, "2027-01-15T08:00:00Z")
+    reconcile(r, kube)
+    assert kube.condition("Degraded")["message"].startswith(f"head pod demo-head: {MISSING}")
+    head = kube.pods("head")
+    body["spec"]["model"]["volume"] = {"persistentVolumeClaim": {"claimName": "models"}}
+    reconcile(r, kube)
+    assert kube.pods("head") == {}
+    reconcile(r, kube)
+    (pod,) = kube.objects["pods"]["demo-head"]["spec"]["volumes"][-1:]
+    assert pod == {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+    assert kube.pods("head").keys() == head.keys() and kube.pods("head") != head

@@ -59,6 +59,22 @@ def test_a_condition_keeps_its_transition_time_until_its_status_flips() -> None:
             {"Progressing": ("True", "RestartingWorkerGroup"), "Degraded": ("True", "WorkerGroupRestart")},
         ),
         (
+            Observation(
+                1,
+                1,
+                groups=(
+                    GroupReport("head", 1, 0, model_unavailable="demo-head: model unavailable at /m: x"),
+                    GroupReport("expert", 2, 0, restart="pod demo-expert-0 failed"),
+                ),
+            ),
+            "Degraded",
+            {
+                "Ready": ("False", "ModelUnavailable"),
+                "Progressing": ("False", "ModelUnavailable"),
+                "Degraded": ("True", "ModelUnavailable"),
+            },
+        ),
+        (
             Observation(1, 1, groups=RUNNING, serve=ServeReport("RayDashboardUnreachable", "x")),
             "Progressing",
             {"Ready": ("False", "RayDashboardUnreachable"), "Progressing": ("True", "WaitingForRay")},
@@ -123,6 +139,13 @@ def test_settings_from_the_command_line() -> None:
         and settings.reconcile_interval_s == 2
     )
     assert OperatorSettings.from_argv(["--all-namespaces"]).cluster_wide
-    for argv in ([], ["-n", "a", "-A"], ["-n", "a", "--reconcile-interval", "0"]):
+    assert OperatorSettings.from_argv(["-A"]).model_retry_s == 60
+    assert OperatorSettings.from_argv(["-A", "--model-retry-interval", "5"]).model_retry_s == 5
+    for argv in (
+        [],
+        ["-n", "a", "-A"],
+        ["-n", "a", "--reconcile-interval", "0"],
+        ["-A", "--model-retry-interval=0"],
+    ):
         with pytest.raises(SystemExit):
             OperatorSettings.from_argv(argv)

@@ -39,7 +39,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [moeservices/status]
   verbs: [get, patch]
 - apiGroups: [""]
-  resources: [pods]
+  resources: [pods]  # patch: the group-size annotation and the head's moeserve.io/serve label
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [services, configmaps]
