@@ -4,14 +4,19 @@ Single-threaded by design: every method runs on the engine thread (`EngineLoop`)
 needs no locks. Finishing rules: a stop token id or EOS (unless `ignore_eos`) -> "stop" (the id is
 returned, its text is not); a stop string -> "stop" (text cut before it); `max_tokens` or the max
 model length -> "length"; cancellation, deadline or shutdown -> "abort". A finished or aborted
-request's KV blocks are freed in the same call.
+request's KV blocks are freed in the same call. Fault isolation: an exception while sampling,
+detokenizing or matching stops for one request aborts that request alone (cause "error"); only a
+failure of the step itself (scheduling, the forward) escapes `execute` and fails the engine.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable
+
+import torch
 
 from moeserve.workers.batch import SequenceStep
 from moeserve.workers.engine.request import (
@@ -25,12 +30,14 @@ from moeserve.workers.engine.request import (
     TokenLogprobs,
 )
 from moeserve.workers.engine.runner import ModelRunner
-from moeserve.workers.engine.sampler import logprobs_of, sample
+from moeserve.workers.engine.sampler import logprobs_of, sample_row
 from moeserve.workers.engine.scheduler import Schedule, Scheduler
 from moeserve.workers.engine.settings import EngineSettings
 from moeserve.workers.engine.text import TextStream
 from moeserve.workers.kv_cache import SequenceBlocks
 from moeserve.workers.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class EngineObserver:
@@ -74,16 +81,16 @@ class Engine:
         if not prompt_ids:
             raise InvalidRequest(prompt_field, "must not be empty")
         vocab = self.runner.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(prompt_field, f"token ids {bad[:5]} not below vocab size {vocab}")
-        if len(prompt_ids) >= self.max_model_len:
+        if len(prompt_ids) >= self.max_model_len:  # the size before anything proportional to it
             raise InvalidRequest(
                 prompt_field,
                 f"{len(prompt_ids)} tokens leave no room to generate within the max model length "
                 f"{self.max_model_len}",
             )
-        sampling.validate(vocab)
+        if not 0 <= min(prompt_ids) <= max(prompt_ids) < vocab:
+            bad = [t for t in prompt_ids if not 0 <= t < vocab]
+            raise InvalidRequest(prompt_field, f"token ids {bad[:5]} not below vocab size {vocab}")
+        sampling.validate(vocab, self.settings.limits)
         room = self.max_model_len - len(prompt_ids)
         if sampling.max_tokens > room:
             raise InvalidRequest(
@@ -155,15 +162,24 @@ class Engine:
                     ready.append(request)
             if ready:
                 picked = logits[rows]  # [S', V]
-                tokens = sample(picked, [r.sampling for r in ready], [r.generator for r in ready])
-                for i, (request, token) in enumerate(zip(ready, tokens, strict=True)):
-                    lp = (
-                        logprobs_of(picked[i], token, request.sampling.logprobs)
-                        if request.sampling.logprobs
-                        else None
-                    )
-                    self._append(request, token, lp)
+                greedy = picked.argmax(dim=-1).tolist()  # [S']; one batched argmax for greedy rows
+                for i, request in enumerate(ready):
+                    self._advance(request, picked[i], greedy[i])
         self.observer.on_step(self, plan.num_tokens, len(plan.preempted))
+
+    def _advance(self, request: Request, logits: torch.Tensor, greedy_token: int) -> None:
+        """Sample, detokenize and match stops for one request. Whatever fails there fails this
+        request alone (abort cause "error"): the step's forward is done, so the engine and, on an
+        attention rank, the lockstep with the other ranks go on."""
+        try:
+            sampling = request.sampling
+            token = greedy_token if sampling.greedy else sample_row(logits, sampling, request.generator)
+            lp = logprobs_of(logits, token, sampling.logprobs) if sampling.logprobs else None
+            self._append(request, token, lp)
+        except Exception as e:  # noqa: BLE001 - isolated to the request; logged with its traceback
+            log.exception("request %s failed; the engine serves on", request.request_id)
+            if request.key in self.requests:
+                self._finish(request, "abort", [], "", [], "error", f"{type(e).__name__}: {str(e)[:200]}")
 
     def _append(self, request: Request, token: int, lp: TokenLogprobs | None) -> None:
         now = self.clock()
@@ -176,7 +192,7 @@ class Engine:
         sampling = request.sampling
         reason: FinishReason | None = None
         text = ""
-        if token in sampling.stop_token_ids or (not sampling.ignore_eos and token in self.eos_token_ids):
+        if token in request.stop_token_ids or (not sampling.ignore_eos and token in self.eos_token_ids):
             reason = "stop"  # the id is returned, its text is not
         elif request.text is not None:
             text, stopped = request.text.add(token)

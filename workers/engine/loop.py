@@ -3,8 +3,9 @@
 Submissions and aborts go through a lock-protected inbox that the engine thread drains before each
 step, so the engine itself stays single-threaded. The waiting queue is bounded (`QueueFull`), an
 abort frees the request's blocks before the next step, deadlines are checked every iteration, and
-an exception in a step fails every request, marks the loop failed and ends the thread (the server
-then reports NOT_SERVING). Nothing here knows about gRPC.
+an exception that escapes a step (the forward or scheduling; one request's sampling or text fails
+only that request, see `Engine`) fails every request, marks the loop failed and ends the thread (the
+server then reports NOT_SERVING). Nothing here knows about gRPC.
 """
 
 from __future__ import annotations

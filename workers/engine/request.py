@@ -9,18 +9,23 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
+from moeserve.workers.engine.settings import RequestLimits
 from moeserve.workers.engine.text import TextStream
 from moeserve.workers.kv_cache import SequenceBlocks
 
 FinishReason = Literal["stop", "length", "abort"]
-# unavailable: the model instance lost a rank
-AbortCause = Literal["cancelled", "deadline", "stopping", "failed", "unavailable"]
+# failed: the engine failed (it serves nothing more); error: this request alone failed (INTERNAL);
+# invalid: refused by the engine that was to run it (INVALID_ARGUMENT); queue_full: refused for a
+# full waiting queue (RESOURCE_EXHAUSTED); unavailable: the model instance lost a rank.
+AbortCause = Literal[
+    "cancelled", "deadline", "stopping", "failed", "error", "invalid", "queue_full", "unavailable"
+]
 MAX_LOGPROBS = 20
 
 
@@ -50,8 +55,9 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self, vocab_size: int) -> None:
-        """Raise InvalidRequest naming the first bad field."""
+    def validate(self, vocab_size: int, limits: RequestLimits | None = None) -> None:
+        """Raise InvalidRequest naming the first bad field. Sizes are checked before contents."""
+        check_stop_sizes(self.stop, len(self.stop_token_ids), limits or RequestLimits())
         if self.max_tokens < 1:
             raise InvalidRequest("sampling.max_tokens", f"must be >= 1, got {self.max_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -69,6 +75,25 @@ class SamplingParams:
             raise InvalidRequest(
                 "sampling.stop_token_ids", f"ids {bad[:5]} not below vocab size {vocab_size}"
             )
+
+
+def check_stop_sizes(stop: Sequence[str], num_stop_token_ids: int, limits: RequestLimits) -> None:
+    """The stop fields' sizes against `limits` (InvalidRequest naming the field); O(number of stops)."""
+    if len(stop) > limits.max_stop_strings:
+        raise InvalidRequest(
+            "sampling.stop", f"{len(stop)} stop strings, at most {limits.max_stop_strings} allowed"
+        )
+    chars = sum(len(s) for s in stop)  # <= bytes; encoding is only needed when it is within the limit
+    total = chars if chars > limits.max_stop_bytes else sum(len(s.encode()) for s in stop)
+    if total > limits.max_stop_bytes:
+        raise InvalidRequest(
+            "sampling.stop", f"stop strings of {total}+ bytes in all, at most {limits.max_stop_bytes} allowed"
+        )
+    if num_stop_token_ids > limits.max_stop_token_ids:
+        raise InvalidRequest(
+            "sampling.stop_token_ids",
+            f"{num_stop_token_ids} stop token ids, at most {limits.max_stop_token_ids} allowed",
+        )
 
 
 @dataclass(frozen=True)
@@ -123,6 +148,7 @@ class Request:
         self.sink = sink
         self.blocks = blocks  # blocks.num_tokens = tokens already in the cache
         self.text = text
+        self.stop_token_ids = frozenset(sampling.stop_token_ids)  # O(1) per generated token
         self.deadline = deadline  # time.monotonic() value, or None
         self.output_ids: list[int] = []
         self.generator: torch.Generator | None = None

@@ -1,8 +1,38 @@
-"""Engine limits: KV-cache size, batch shape, queue bound and context length. Plain data, no logic."""
+"""Engine limits: KV-cache size, batch shape, queue bound, context length, and the size limits of
+one request (`RequestLimits`). Plain data, no logic."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Sizes one request may have, checked before any work proportional to them (tokenizing, stop
+    matching); a request beyond one gets INVALID_ARGUMENT naming the field. The defaults are far
+    above what a real client sends and small enough that no request can stall the server."""
+
+    max_prompt_bytes: int = 1 << 20
+    """UTF-8 bytes of a text `prompt` (1 MiB); checked before it is tokenized (off the event loop)."""
+    max_stop_strings: int = 256
+    """Number of `sampling.stop` strings."""
+    max_stop_bytes: int = 16 << 10
+    """UTF-8 bytes of all `sampling.stop` strings together (16 KiB)."""
+    max_stop_token_ids: int = 1024
+    """Number of `sampling.stop_token_ids`."""
+    max_request_id_bytes: int = 256
+    """UTF-8 bytes of `request_id` (it is returned in the first streamed message)."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_prompt_bytes",
+            "max_stop_strings",
+            "max_stop_bytes",
+            "max_stop_token_ids",
+            "max_request_id_bytes",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -22,6 +52,8 @@ class EngineSettings:
     max_model_len: int | None = None
     """Longest prompt plus completion in tokens. None: the model's max_position_embeddings, capped
     at the KV-cache capacity so that one request always fits on its own."""
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    """Size limits of one request (prompt text, stop fields, request id)."""
 
     def __post_init__(self) -> None:
         for name in (
