@@ -5,7 +5,8 @@ request gives the same tokens whatever else shares its batch. Greedy rows are on
 Numerically safe for every temperature the API accepts: logits are fp32 with their maximum
 subtracted before scaling (the best token scales to exactly 0, so the softmax never sees inf - inf),
 and temperatures below `MIN_TEMPERATURE` sample as at `MIN_TEMPERATURE` (in effect greedy; exact
-ties stay random); top-k ranks the raw logits, so it holds at any temperature. The top token always survives top-k and top-p, so a row always has mass.
+ties stay random), above `MAX_TEMPERATURE` as at it; top-k ranks the raw logits, so it holds at
+any temperature. The top token always survives top-k and top-p, so a row always has mass.
 Legend: S sequences sampled this step, V vocab.
 """
 
