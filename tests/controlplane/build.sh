@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Build the test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok,
-# helm) from the Go module pinned in this directory, once per machine.
+# helm) from the Go module pinned in this directory, once per machine; with --node, the real node's
+# binaries instead (kubelet and kube-proxy from the same k8s.io/kubernetes release, and CoreDNS), from
+# the module in node/.
 #
-# The binaries go to ${XDG_CACHE_HOME:-$HOME/.cache}/moeserve/controlplane/<hash>/bin, where <hash>
-# is taken from go.mod and go.sum, so a version bump builds a new set and an unchanged one is reused.
-# A complete cache makes this script a no-op. With MOESERVE_CONTROLPLANE_BIN set, nothing is built:
-# the script only checks that directory.
+# The binaries go to ${XDG_CACHE_HOME:-$HOME/.cache}/moeserve/controlplane/<hash>/bin (control plane)
+# or .../controlplane/node-<hash>/bin (node), where <hash> is taken from that module's go.mod and
+# go.sum, so a version bump builds a new set and an unchanged one is reused. The node has a module of
+# its own so that adding it did not change the control plane's go.sum (its cache key), CoreDNS's
+# newer dependencies stay out of the control plane's build, and the two can build side by side.
+# A complete cache makes this script a no-op. With MOESERVE_CONTROLPLANE_BIN (or, for --node,
+# MOESERVE_NODE_BIN) set, nothing is built: the script only checks that directory.
 #
-# Usage: bash tests/controlplane/build.sh [--print-bin-dir]
+# Usage: bash tests/controlplane/build.sh [--node] [--print-bin-dir]
+#   --node           the real node's binaries (kubelet, kube-proxy, coredns)
 #   --print-bin-dir  print the directory the binaries are (or would be) in, and exit
 #
 # Besides the binaries, the directory holds kwok-stages.yaml: the Stage objects (node initialize and
@@ -19,13 +25,32 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok helm)
 KWOK_STAGES=(node/fast node/heartbeat-with-lease pod/fast)
+
+# What this run builds: the control plane (default) or the node (--node).
+SET=controlplane
+MODULE_DIR="$HERE"
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok helm)
+OVERRIDE_VAR=MOESERVE_CONTROLPLANE_BIN
+PRINT_DIR=""
+for arg in "$@"; do
+    case "$arg" in
+        --node)
+            SET=node
+            MODULE_DIR="$HERE/node"
+            BINARIES=(kubelet kube-proxy coredns)
+            OVERRIDE_VAR=MOESERVE_NODE_BIN
+            ;;
+        --print-bin-dir) PRINT_DIR=1 ;;
+        *) echo "usage: build.sh [--node] [--print-bin-dir]" >&2; exit 2 ;;
+    esac
+done
 
 package_of() {
     case "$1" in
         etcd) echo go.etcd.io/etcd/server/v3 ;;
-        kube-apiserver | kube-controller-manager | kube-scheduler) echo "k8s.io/kubernetes/cmd/$1" ;;
+        kube-apiserver | kube-controller-manager | kube-scheduler | kubelet | kube-proxy) echo "k8s.io/kubernetes/cmd/$1" ;;
+        coredns) echo github.com/coredns/coredns ;;
         kwok) echo sigs.k8s.io/kwok/cmd/kwok ;;
         helm) echo helm.sh/helm/v3/cmd/helm ;;
         *) echo "unknown binary $1" >&2; return 1 ;;
@@ -34,7 +59,8 @@ package_of() {
 
 cache_bin_dir() {
     local hash
-    hash="$(cat "$HERE/go.mod" "$HERE/go.sum" | sha256sum | cut -c1-16)"
+    hash="$(cat "$MODULE_DIR/go.mod" "$MODULE_DIR/go.sum" | sha256sum | cut -c1-16)"
+    [[ "$SET" == node ]] && hash="node-$hash"
     echo "${XDG_CACHE_HOME:-$HOME/.cache}/moeserve/controlplane/$hash/bin"
 }
 
@@ -43,12 +69,12 @@ missing_in() {
     for name in "${BINARIES[@]}"; do
         [[ -x "$dir/$name" ]] || missing+=("$name")
     done
-    [[ -f "$dir/kwok-stages.yaml" ]] || missing+=(kwok-stages.yaml)
+    [[ "$SET" == node || -f "$dir/kwok-stages.yaml" ]] || missing+=(kwok-stages.yaml)
     echo "${missing[*]:-}"
 }
 
 module_version() {
-    (cd "$HERE" && go list -m -f '{{if .Replace}}{{.Replace.Version}}{{else}}{{.Version}}{{end}}' "$1")
+    (cd "$MODULE_DIR" && go list -m -f '{{if .Replace}}{{.Replace.Version}}{{else}}{{.Version}}{{end}}' "$1")
 }
 
 ldflags_for() {
@@ -64,6 +90,14 @@ ldflags_for() {
             ;;
         helm)
             flags+=" -X helm.sh/helm/v3/internal/version.version=$(module_version helm.sh/helm/v3)"
+            ;;
+        kubelet)
+            # The node reports this as its kubeletVersion; the version skew checks read it.
+            kube="$(module_version k8s.io/kubernetes)"
+            local minor="${kube#v1.}"
+            minor="${minor%%.*}"
+            local v=k8s.io/component-base/version
+            flags+=" -X $v.gitVersion=$kube -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean"
             ;;
     esac
     echo "$flags"
@@ -91,35 +125,36 @@ build_all() {
     local out="$1" start name step
     start="$(date +%s)"
     export GOFLAGS="-mod=readonly -buildvcs=false" CGO_ENABLED=0
-    echo "controlplane: first build into $out (go $(go env GOVERSION), -p ${MOESERVE_GO_BUILD_P:-$(nproc)})"
-    echo "controlplane: [$(elapsed "$start")] downloading modules"
-    (cd "$HERE" && go mod download)
+    echo "$SET: first build into $out (go $(go env GOVERSION), -p ${MOESERVE_GO_BUILD_P:-$(nproc)})"
+    echo "$SET: [$(elapsed "$start")] downloading modules"
+    (cd "$MODULE_DIR" && go mod download)
     for name in "${BINARIES[@]}"; do
         step="$(date +%s)"
-        echo "controlplane: [$(elapsed "$start")] building $name"
-        (cd "$HERE" && go build -p "${MOESERVE_GO_BUILD_P:-$(nproc)}" -trimpath \
+        echo "$SET: [$(elapsed "$start")] building $name"
+        (cd "$MODULE_DIR" && go build -p "${MOESERVE_GO_BUILD_P:-$(nproc)}" -trimpath \
             -ldflags="$(ldflags_for "$name")" -o "$out/$name" "$(package_of "$name")")
-        echo "controlplane: [$(elapsed "$start")] built $name in $(elapsed "$step")"
+        echo "$SET: [$(elapsed "$start")] built $name in $(elapsed "$step")"
     done
-    write_kwok_stages "$out/kwok-stages.yaml"
-    echo "controlplane: all binaries built in $(elapsed "$start")"
+    [[ "$SET" == node ]] || write_kwok_stages "$out/kwok-stages.yaml"
+    echo "$SET: all binaries built in $(elapsed "$start")"
 }
 
 main() {
-    if [[ -n "${MOESERVE_CONTROLPLANE_BIN:-}" ]]; then
+    local override="${!OVERRIDE_VAR:-}"
+    if [[ -n "$override" ]]; then
         local missing
-        missing="$(missing_in "$MOESERVE_CONTROLPLANE_BIN")"
+        missing="$(missing_in "$override")"
         if [[ -n "$missing" ]]; then
-            echo "controlplane: MOESERVE_CONTROLPLANE_BIN=$MOESERVE_CONTROLPLANE_BIN lacks: $missing" >&2
+            echo "$SET: $OVERRIDE_VAR=$override lacks: $missing" >&2
             exit 1
         fi
-        [[ "${1:-}" == "--print-bin-dir" ]] && echo "$MOESERVE_CONTROLPLANE_BIN"
+        [[ -n "$PRINT_DIR" ]] && echo "$override"
         exit 0
     fi
 
     local bin
     bin="$(cache_bin_dir)"
-    if [[ "${1:-}" == "--print-bin-dir" ]]; then
+    if [[ -n "$PRINT_DIR" ]]; then
         echo "$bin"
         exit 0
     fi
@@ -129,7 +164,7 @@ main() {
     exec 9>"$(dirname "$bin")/build.lock"
     flock 9
     if [[ -z "$(missing_in "$bin")" ]]; then
-        echo "controlplane: binaries up to date in $bin"
+        echo "$SET: binaries up to date in $bin"
         exit 0
     fi
 
@@ -140,7 +175,7 @@ main() {
     build_all "$staging"
     rm -rf "$bin"
     mv "$staging" "$bin"
-    echo "controlplane: binaries in $bin"
+    echo "$SET: binaries in $bin"
 }
 
 main "$@"

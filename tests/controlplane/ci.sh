@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# CI preparation for the k8s test tier on a fresh Debian machine: install kubectl and the Python
-# packages the fixture needs when they are missing, then build the control-plane binaries (cached by
-# tests/controlplane/build.sh, so a machine that built them once only checks the cache).
+# CI preparation for the k8s and e2e test tiers on a fresh Debian 12 machine: install the Debian
+# packages and the Python packages the fixtures need when they are missing, then build (each cached
+# by content hash, so a machine that built them once only checks the caches):
+#   - the control plane (build.sh) and then the real node's kubelet, kube-proxy, CoreDNS
+#     (build.sh --node): compiling, one after the other, on all cores;
+#   - meanwhile the images (images.sh): pause, a debootstrap'ed Debian base, the project's image
+#     from its Dockerfile. That is mostly downloading and unpacking, so it overlaps the compiler.
 #
-# It runs no tests; .ci/run calls it before pytest. Needs root for apt-get, as CI runs here.
+# It runs no tests; tests/run.sh calls it before pytest. Needs root for apt-get, as CI runs here.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+START="$(date +%s)"
 
-if ! command -v kubectl >/dev/null; then
-    echo "ci.sh: installing kubectl"
+# kubectl for both tiers; the rest is the real node (e2e): container runtime, CNI plugins, the
+# tools kube-proxy (nftables mode) and the CNI portmap plugin call, and the image builders.
+DEBIAN_PACKAGES=(kubectl containerd runc containernetworking-plugins nftables iptables conntrack
+    buildah debootstrap)
+missing=()
+for package in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' \
+        || missing+=("$package")
+done
+if [[ ${#missing[@]} -gt 0 ]]; then
+    echo "ci.sh: installing Debian packages: ${missing[*]}"
     apt-get update -qq
-    apt-get install -y -qq kubectl
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 [[ -x /usr/local/go/bin/go ]] && PATH="/usr/local/go/bin:$PATH"
@@ -27,4 +41,17 @@ if ! python3 -c "import kubernetes, cryptography" 2>/dev/null; then
     python3 -m pip install -q kubernetes cryptography
 fi
 
-bash "$HERE/build.sh"
+# The images need the k8s.io/kubernetes module (pause.c) before the compiler has fetched it.
+(cd "$HERE/node" && go mod download k8s.io/kubernetes)
+
+bash "$HERE/images.sh" > >(sed -u 's/^/[images] /') 2>&1 &
+images=$!
+status=0
+bash "$HERE/build.sh" && bash "$HERE/build.sh" --node || status=$?
+# An image build is mostly downloads (torch, ray): when it fails, say so and let the other tiers run;
+# the e2e tests then fail, each naming the missing image and `bash tests/controlplane/images.sh`.
+if ! wait "$images"; then
+    echo "ci.sh: ERROR: building the images failed (see [images] above); the e2e tier will fail" >&2
+fi
+echo "ci.sh: done in $(($(date +%s) - START)) s"
+exit "$status"
