@@ -1,0 +1,93 @@
+"""Fused routed experts: two Triton GEMMs over expert-homogeneous tiles, no loop over experts.
+
+1. gate/up: h = silu(x @ W_gate^T) * (x @ W_up^T) per tile of aligned rows, both halves of `w13`
+   in one pass over x, SiLU and the product in fp32 before one rounding to the model dtype;
+2. down: y = (h @ W_down^T) * routing weight, written to the pair's own row;
+3. the K rows of each token are summed (fp32) into [T, D].
+Pairs are grouped by `moe_align.align_by_expert`; tiles of unused padding are skipped on the device,
+so nothing syncs with the host and every shape is fixed by (T, K, E): CUDA-graph capturable.
+Weights stay in `RoutedExperts`' layout: w13 [E, 2I, D] (gate ; up), w2 [E, D, I].
+Legend: T tokens, K experts per token, E experts, D hidden, I expert intermediate, P = T*K pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeserve.workers.kernels.moe_align import align_by_expert
+from moeserve.workers.kernels.runtime import check_runnable, dot_dtype, dot_precision, kernel_module
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes of both GEMMs and the launch options."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def tile_config(num_tokens: int) -> TileConfig:
+    """Small batches are bound by reading the weights: thin tiles, many programs over N. Large
+    batches are bound by the matmuls: taller tiles reuse each weight tile over more rows."""
+    if num_tokens <= 32:
+        return TileConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    if num_tokens <= 128:
+        return TileConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
+    return TileConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    foreign: bool = False,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [T, D] in x's dtype.
+
+    x [T, D]; w13 [E, 2I, D]; w2 [E, D, I]; ids [T, K] in [0, E) (or E = an expert not hosted here,
+    only with `foreign`: such pairs add nothing); weights [T, K] (any float dtype, applied in fp32).
+    """
+    t, k = ids.shape
+    num_experts, two_inter, dim = w13.shape
+    inter = two_inter // 2
+    if x.shape != (t, dim) or w2.shape != (num_experts, dim, inter) or weights.shape != (t, k):
+        raise ValueError(
+            f"fused_moe shapes: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}, "
+            f"ids {tuple(ids.shape)}, weights {tuple(weights.shape)}"
+        )
+    if t == 0:
+        return x.new_zeros(0, dim)
+    kernels = kernel_module("fused_moe_triton")
+    check_runnable(kernels.gate_up_kernel, x.device)
+    cfg = config or tile_config(t)
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    aligned = align_by_expert(ids, num_experts, cfg.block_m)
+    pairs = t * k
+    h = x.new_empty(aligned.sorted_pairs.numel(), inter)  # [S, I], rows in padded order
+    alloc = torch.zeros if foreign else torch.empty  # foreign pairs' rows are never written
+    out = alloc(pairs, dim, dtype=torch.float32, device=x.device)  # [P, D]
+    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    meta = dict(
+        DOT_DTYPE=dot_dtype(x.dtype, kernels.gate_up_kernel),
+        PRECISION=dot_precision(x.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    routing = (aligned.sorted_pairs, aligned.tile_experts, aligned.num_padded, pairs, num_experts)
+    kernels.gate_up_kernel[(aligned.num_tiles, -(-inter // cfg.block_n))](
+        x, w13, h, *routing, dim, inter, x.stride(0), w13.stride(0), w13.stride(1),
+        TOP_K=k, **tiles, **meta,
+    )  # fmt: skip
+    kernels.down_kernel[(aligned.num_tiles, -(-dim // cfg.block_n))](
+        h, w2, out, weights.reshape(-1).float().contiguous(), *routing, dim, inter,
+        w2.stride(0), w2.stride(1), **tiles, **meta,
+    )  # fmt: skip
+    return out.view(t, k, dim).sum(dim=1).to(x.dtype)  # [T, K, D] -> [T, D]
