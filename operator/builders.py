@@ -305,10 +305,16 @@ def _metrics_export_flag(spec: MoEServiceSpec) -> str:
     return f"--metrics-export-port={spec.serving.metrics_port}"
 
 
+POD_IP_ENV = "MOESERVE_POD_IP"
+
+
 def _ray_flags(spec: MoEServiceSpec) -> list[str]:
     return [
         "--block",
         "--disable-usage-stats",
+        # The pod IP from the downward API (the kubelet expands $(VAR)): Ray's own guess needs a
+        # default route and falls back to 127.0.0.1, which other pods cannot reach.
+        f"--node-ip-address=$({POD_IP_ENV})",
         f"--dashboard-agent-listen-port={contract.RAY_AGENT_PORT}",
         _metrics_export_flag(spec),
     ]
@@ -375,11 +381,12 @@ def _model_check(spec: MoEServiceSpec) -> Manifest:
 def _ray_container(
     name: str, spec: MoEServiceSpec, command: list[str], env: list[Manifest], ports: list[tuple[str, int]]
 ) -> Manifest:
+    pod_ip = {"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
     return {
         "name": name,
         **_image(spec),
         "command": command,
-        "env": env,
+        "env": [pod_ip, *env],
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, *_model_mounts(spec)],
         "securityContext": _container_security(),

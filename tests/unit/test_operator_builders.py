@@ -429,6 +429,12 @@ def test_probes_use_rays_unauthenticated_health_endpoints() -> None:
     assert head["startupProbe"]["periodSeconds"] * head["startupProbe"]["failureThreshold"] == 900
     assert head["livenessProbe"]["periodSeconds"] * head["livenessProbe"]["failureThreshold"] == 60
     assert "--dashboard-agent-listen-port=52365" in head["command"]
+    for c in (head, *(container(g.template) for g in desired.workers)):  # Ray registers the pod IP
+        assert "--node-ip-address=$(MOESERVE_POD_IP)" in c["command"]
+        assert c["env"][0] == {
+            "name": "MOESERVE_POD_IP",
+            "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+        }
     for group in desired.workers:
         worker = container(group.template)
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
