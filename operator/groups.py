@@ -56,6 +56,8 @@ class PodState:
     """The termination message of its failed `model-check` init container; "" when it did not fail."""
     finished_at: float = 0.0
     """When that container finished (Unix time; 0 when unknown)."""
+    exit_reason: str = ""
+    """How a container of a failed pod ended, e.g. `ray-expert exited with code 1 (Error): ...`."""
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> PodState:
@@ -77,6 +79,7 @@ class PodState:
             waiting_reason=_waiting_reason(status, conditions.get("PodScheduled", {})),
             model_error=model_error,
             finished_at=finished_at,
+            exit_reason=_exit_reason(status),
         )
 
     @property
@@ -154,7 +157,8 @@ def _failure_reason(size: int, members: Sequence[PodState], name: Callable[[int]
     """Why a current group is broken: a member ended, or a member of the complete group is gone."""
     for pod in members:
         if pod.phase in GONE_PHASES:
-            detail = f": {pod.model_error}" if pod.model_error else ""
+            why = pod.model_error or pod.exit_reason
+            detail = f": {why}" if why else ""
             return f"pod {pod.name} {pod.phase.lower()}{detail}"
     present = {p.index for p in members}
     claimed = max((p.group_size for p in members), default=0)
@@ -173,6 +177,18 @@ def _model_check_failure(status: Mapping[str, Any]) -> tuple[str, float]:
             reason = message or f"exited with code {done.get('exitCode')} ({done.get('reason', 'Error')})"
             return reason[:500], _timestamp(done.get("finishedAt"))
     return "", 0.0
+
+
+def _exit_reason(status: Mapping[str, Any]) -> str:
+    """The first container (init containers first) that ended with a non-zero code, described."""
+    for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        done = (container.get("state") or {}).get("terminated") or {}
+        if done and done.get("exitCode") != 0:
+            code, reason = done.get("exitCode"), done.get("reason", "Error")
+            line = f"{container.get('name')} exited with code {code} ({reason})"
+            message = " ".join(str(done.get("message") or "").split())
+            return f"{line}: {message}"[:300] if message else line
+    return ""
 
 
 def _waiting_reason(status: Mapping[str, Any], scheduled: Mapping[str, Any]) -> str:

@@ -241,3 +241,18 @@ def test_a_member_whose_model_check_failed_holds_its_group_until_the_hold_expire
     # scaling down while held still removes the extra pods
     extra = plan_group([*pods, member(4), member(5)], 4, HASH, HEAD, name, now=1001.0, hold_s=60)
     assert [p.name for p in extra.delete] == [name(4), name(5)] and extra.model_unavailable
+
+
+def test_a_failed_pod_says_which_container_ended_how() -> None:
+    terminated = {"exitCode": 137, "reason": "OOMKilled", "message": ""}
+    state = pod_with(
+        {
+            "phase": "Failed",
+            "containerStatuses": [{"name": "ray-expert", "state": {"terminated": terminated}}],
+        }
+    )
+    assert state.exit_reason == "ray-expert exited with code 137 (OOMKilled)"
+    pods = [replace(member(0), phase="Failed", exit_reason=state.exit_reason), member(1)]
+    assert (
+        plan(pods, size=2).restart == "pod demo-expert-0 failed: ray-expert exited with code 137 (OOMKilled)"
+    )
