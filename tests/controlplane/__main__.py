@@ -1,9 +1,12 @@
 """Command line for the test control plane: `python -m tests.controlplane up|down|status`.
 
 `up` starts a control plane that outlives the command (its processes are detached, not tied to this
-Python process) and prints the admin kubeconfig path on stdout; `down` stops everything recorded in
-the state directory and deletes it; `status` prints each component's pid and whether it runs.
-It does not build anything: run `bash tests/controlplane/build.sh` first.
+Python process) and prints the admin kubeconfig path on stdout; with `--real-node` it also runs the
+real node (kubelet, containerd, CNI, kube-proxy, CoreDNS) with the project's image imported, and
+prints the image reference on a second line. `down` stops everything recorded in the state
+directory, restores what the real node changed on the host, and deletes the directory; `status`
+prints each component's pid and whether it runs. It does not build anything: run
+`bash tests/controlplane/ci.sh` (or build.sh, build.sh --node, images.sh) first.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from .cluster import ControlPlane, MissingBinariesError, StartError, remove_state
+from .cluster import DEFAULT_NODES, ControlPlane, MissingBinariesError, StartError, remove_state
+from .node import stop_node
 from .processes import Supervisor
 
 
@@ -30,13 +34,22 @@ def _running(state_dir: Path) -> bool:
     return (state_dir / "pids").is_dir() and any(r.alive() for r in _supervisor(state_dir).records())
 
 
-def up(state_dir: Path) -> int:
+def up(state_dir: Path, real_node: bool) -> int:
     if _running(state_dir):
         print(f"already up (state in {state_dir}); run `down` first to restart", file=sys.stderr)
         print(state_dir / "kubeconfig")
         return 0
+    if (state_dir / "node").exists():
+        down(state_dir)  # a crashed real node: restore the host before starting again
     remove_state(state_dir)  # a stale directory from a crashed run: its etcd data would clash
-    plane = ControlPlane(state_dir, die_with_parent=False)
+    plane = ControlPlane(
+        state_dir,
+        die_with_parent=False,
+        nodes=() if real_node else DEFAULT_NODES,
+        real_node=real_node,
+        node_images=("base", "moeserve"),
+        node_lock_timeout_s=0.0,
+    )
     try:
         plane.start()
     except (MissingBinariesError, StartError) as err:
@@ -44,6 +57,9 @@ def up(state_dir: Path) -> int:
         return 1
     print(f"control plane up at {plane.server}; logs in {plane.log_dir}", file=sys.stderr)
     print(plane.kubeconfig)
+    if plane.real_node:
+        print(f"real node {plane.real_node.node_name} up; image of this checkout:", file=sys.stderr)
+        print(plane.real_node.images["moeserve"].ref)
     return 0
 
 
@@ -51,7 +67,11 @@ def down(state_dir: Path) -> int:
     if not state_dir.exists():
         print(f"nothing to stop ({state_dir} does not exist)", file=sys.stderr)
         return 0
-    killed = _supervisor(state_dir).stop_all()
+    supervisor = _supervisor(state_dir)
+    left = stop_node(state_dir, supervisor)
+    if left:
+        print("real node cleanup: " + "; ".join(left), file=sys.stderr)
+    killed = supervisor.stop_all()
     if killed:
         print(f"needed SIGKILL: {', '.join(killed)}", file=sys.stderr)
     remove_state(state_dir)
@@ -80,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.controlplane", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument(
+        "--real-node",
+        action="store_true",
+        help="up: a real node (kubelet, containerd, kube-proxy, CoreDNS) instead of kwok's fake nodes, "
+        "with the images of tests/controlplane/images.sh imported (needs root)",
+    )
+    parser.add_argument(
         "--state-dir",
         type=Path,
         default=default_state_dir(),
@@ -87,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         "(default: $MOESERVE_CONTROLPLANE_STATE or /tmp/moeserve-controlplane-$UID)",
     )
     args = parser.parse_args(argv)
-    return {"up": up, "down": down, "status": status}[args.command](args.state_dir.resolve())
+    state_dir = args.state_dir.resolve()
+    if args.command == "up":
+        return up(state_dir, args.real_node)
+    return {"down": down, "status": status}[args.command](state_dir)
 
 
 if __name__ == "__main__":

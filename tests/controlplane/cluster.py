@@ -6,8 +6,11 @@ the fake nodes, waits until all of it is ready, and stops it again. Everything l
 directory: key material, etcd data, kubeconfigs, one log per component and pid files (see
 `processes.py`), so `python -m tests.controlplane down` can stop what `up` started.
 
-It is not a kubelet: no container ever runs. kwok only writes pod and node status. It builds
-nothing either: missing binaries raise `MissingBinariesError` naming them and the build command.
+Without `real_node`, no container ever runs: kwok only writes pod and node status. With
+`real_node=True` the cluster also gets one real node (kubelet, containerd, CNI, kube-proxy, CoreDNS;
+see node.py) and the apiserver listens on that node's address, so pods reach it through the
+`kubernetes` Service. It builds nothing either: missing binaries raise `MissingBinariesError` naming
+them and the build command.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .api import ApiClient, ApiError, Credentials, JsonObject, write_kubeconfig
+from .node import NODE_IP, NODE_NAME, RealNode, RealNodeError, stop_node
 from .pki import CertPair, Pki, create_pki
 from .processes import PidRecord, Supervisor
 from .waiting import wait_until
@@ -68,6 +72,14 @@ CONTROLLERS = (
     "node-lifecycle-controller",
     "taint-eviction-controller",
     "pod-garbage-collector-controller",
+)
+# What a real node's pods need besides: PersistentVolumeClaims bound to (hostPath) volumes, and the
+# legacy Endpoints some clients still read.
+REAL_NODE_CONTROLLERS = (
+    "persistentvolume-binder-controller",
+    "persistentvolume-protection-controller",
+    "persistentvolumeclaim-protection-controller",
+    "endpoints-controller",
 )
 
 
@@ -217,7 +229,13 @@ class ControlPlane:
         bin_dir: Path | None = None,
         nodes: tuple[FakeNode, ...] = DEFAULT_NODES,
         die_with_parent: bool = True,
+        real_node: bool = False,
+        node_images: tuple[str, ...] = ("base",),
+        node_lock_timeout_s: float = 1800.0,
     ) -> None:
+        """`nodes` are kwok's fake nodes (none: kwok does not run). With `real_node`, one real node
+        runs too, with the images `node_images` (names from images.sh: base, moeserve) imported; it
+        waits up to `node_lock_timeout_s` for another real node on this host to go away."""
         self.state_dir = state_dir.resolve()
         self.bin_dir = bin_dir
         self.nodes = nodes
@@ -225,13 +243,20 @@ class ControlPlane:
         self.kubeconfig = self.state_dir / "kubeconfig"
         self.ports: Ports | None = None
         self.pki: Pki | None = None
+        self.real_node = RealNode(self.state_dir, self.supervisor, node_images) if real_node else None
+        self.node_lock_timeout_s = node_lock_timeout_s
 
     # -- public surface ------------------------------------------------------------------------
 
     @property
+    def host(self) -> str:
+        """Where the apiserver listens: loopback, or the real node's address (reachable from pods)."""
+        return NODE_IP if self.real_node else "127.0.0.1"
+
+    @property
     def server(self) -> str:
         assert self.ports, "not started"
-        return f"https://127.0.0.1:{self.ports.apiserver}"
+        return f"https://{self.host}:{self.ports.apiserver}"
 
     @property
     def log_dir(self) -> Path:
@@ -247,26 +272,41 @@ class ControlPlane:
         deadline = time.monotonic() + timeout_s
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.ports = Ports.pick()
-        self.pki = create_pki(self.state_dir / "pki", SERVICE_IP)
+        self.pki = create_pki(
+            self.state_dir / "pki", SERVICE_IP, (NODE_NAME, NODE_IP) if self.real_node else None
+        )
         kubeconfigs = self._write_kubeconfigs(self.pki)
         try:
+            if self.real_node:
+                # Before anything listens on NODE_IP: the host lock, the host snapshot, the address.
+                self.real_node.prepare(self.node_lock_timeout_s)
+                deadline = max(deadline, time.monotonic() + timeout_s)  # the lock wait does not count
             self._start_etcd(bin_dir, deadline)
             self._start_apiserver(bin_dir, deadline)
             self._start_controllers(bin_dir, kubeconfigs, deadline)
-            self._register_nodes(bin_dir, kubeconfigs["kwok"], deadline)
+            if self.nodes:
+                self._register_nodes(bin_dir, kubeconfigs["kwok"], deadline)
+            if self.real_node:
+                # Importing a multi-GB image the first time takes minutes; it does not count either.
+                self.real_node.start(self.server, self.pki, self.admin(), deadline + 1800.0)
         except BaseException as err:
             # Leave nothing running behind a failed start, whatever failed.
             diagnostics = self._diagnostics()
             self.stop()
-            if isinstance(err, StartError):
+            if isinstance(err, (StartError, RealNodeError)):
                 raise StartError(f"{err}\n{diagnostics}") from None
             raise
         self._write_state()
         return self
 
     def stop(self) -> list[str]:
-        """Stop all components (newest first); return those that ignored SIGTERM."""
-        return self.supervisor.stop_all()
+        """Stop all components (newest first; a real node first, restoring the host); return those
+        that ignored SIGTERM and whatever the real node's cleanup left behind."""
+        left: list[str] = []
+        if self.real_node:
+            left += stop_node(self.state_dir, self.supervisor)
+            self.real_node.lock.release()
+        return left + self.supervisor.stop_all()
 
     def admin(self) -> ApiClient:
         assert self.pki
@@ -341,12 +381,25 @@ class ControlPlane:
     def _start_apiserver(self, bin_dir: Path, deadline: float) -> None:
         assert self.ports and self.pki
         pki = self.pki
+        if self.real_node:
+            # The `kubernetes` Service's endpoint is NODE_IP, reconciled (a lease) like a real
+            # control plane's; the apiserver reaches the kubelet by its InternalIP.
+            node_flags = [
+                "--endpoint-reconciler-type=lease",
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
+                f"--kubelet-client-certificate={pki.clients['apiserver-kubelet-client'].cert}",
+                f"--kubelet-client-key={pki.clients['apiserver-kubelet-client'].key}",
+                f"--kubelet-certificate-authority={pki.ca.cert}",
+            ]
+        else:
+            # The `kubernetes` Endpoints may not point at loopback; nothing in-cluster dials it anyway.
+            node_flags = ["--endpoint-reconciler-type=none"]
         self._start(
             "kube-apiserver",
             [
                 str(bin_dir / "kube-apiserver"),
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.host}",
+                f"--advertise-address={self.host}",
                 f"--secure-port={self.ports.apiserver}",
                 f"--etcd-servers=http://127.0.0.1:{self.ports.etcd_client}",
                 f"--tls-cert-file={pki.apiserver.cert}",
@@ -359,8 +412,7 @@ class ControlPlane:
                 f"--service-account-signing-key-file={pki.service_account_key}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
-                # The `kubernetes` Endpoints may not point at loopback; nothing in-cluster dials it anyway.
-                "--endpoint-reconciler-type=none",
+                *node_flags,
                 "--profiling=false",
             ],
         )
@@ -386,7 +438,7 @@ class ControlPlane:
                 "--use-service-account-credentials=true",
                 f"--service-account-private-key-file={self.pki.service_account_key}",
                 f"--root-ca-file={self.pki.ca.cert}",
-                f"--controllers={','.join(CONTROLLERS)}",
+                f"--controllers={','.join(CONTROLLERS + (REAL_NODE_CONTROLLERS if self.real_node else ()))}",
             ],
         )
         self._start(
@@ -460,8 +512,12 @@ class ControlPlane:
             "kubeconfig": str(self.kubeconfig),
             "bin_dir": str(self.bin_dir),
             "ports": asdict(self.ports),
-            "nodes": [node.name for node in self.nodes],
+            "nodes": [node.name for node in self.nodes] + ([NODE_NAME] if self.real_node else []),
+            "real_node": bool(self.real_node),
         }
+        if self.real_node:
+            state["node_ports"] = self.real_node.ports
+            state["images"] = {name: image.ref for name, image in self.real_node.images.items()}
         (self.state_dir / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
     def _diagnostics(self) -> str:

@@ -14,7 +14,8 @@
 # Each image ends up as an OCI archive with uncompressed layers (compressing a few GB of torch on 2
 # cores would cost minutes, and the archive never leaves the machine) under
 # ${XDG_CACHE_HOME:-~/.cache}/moeserve/images/, which the test cluster imports into its containerd
-# (`ctr -n k8s.io images import`) when it does not hold it yet.
+# (`ctr -n k8s.io images import`) when it does not hold it yet, and then deletes (a few GB less on
+# disk; containerd's image store under ~/.cache/moeserve/containerd is kept as a cache).
 # No registry is involved: none is reachable, and none is needed.
 #
 # Usage: bash tests/controlplane/images.sh [--print-refs | pause | base | moeserve ...]
@@ -25,6 +26,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/moeserve/images"
+IMPORTED="${XDG_CACHE_HOME:-$HOME/.cache}/moeserve/containerd/moeserve-imported"
 [[ -x /usr/local/go/bin/go ]] && PATH="/usr/local/go/bin:$PATH"
 export BUILDAH_ISOLATION=chroot
 
@@ -169,6 +171,12 @@ ensure() {
     archive="$(archive_of "$ref")"
     if [[ -f "$archive" ]]; then
         log "$name up to date: $archive"
+        return
+    fi
+    # The test cluster deletes an archive once its containerd (whose image store is a cache too) holds
+    # the image, and leaves this mark.
+    if [[ -f "$IMPORTED/${ref//\//_}" ]]; then
+        log "$name up to date: imported into the test cluster's containerd"
         return
     fi
     [[ "$name" == moeserve ]] && ensure base

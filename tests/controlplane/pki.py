@@ -43,6 +43,8 @@ class Pki:
     """RSA private key that signs service-account tokens."""
     service_account_pub: Path = Path()
     """Its public key, for the apiserver to verify tokens."""
+    kubelet_serving: CertPair | None = None
+    """The real node's kubelet serving certificate (only with a real node)."""
 
 
 # Client identities. The RBAC bootstrap policy grants system:kube-controller-manager and
@@ -53,6 +55,16 @@ CLIENT_SUBJECTS: dict[str, tuple[str, str | None]] = {
     "controller-manager": ("system:kube-controller-manager", None),
     "scheduler": ("system:kube-scheduler", None),
     "kwok": ("kwok-controller", "system:masters"),
+}
+
+
+# With a real node: its kubelet (Node authorizer identity), kube-proxy and CoreDNS (bootstrap RBAC
+# covers system:kube-proxy; CoreDNS gets a ClusterRole from node.py), and the apiserver's client
+# certificate for kubelets (logs, exec, port-forward).
+NODE_CLIENT_SUBJECTS: dict[str, tuple[str, str | None]] = {
+    "kube-proxy": ("system:kube-proxy", None),
+    "coredns": ("system:coredns", None),
+    "apiserver-kubelet-client": ("kube-apiserver-kubelet-client", "system:masters"),
 }
 
 
@@ -143,7 +155,7 @@ def _issue(
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
-def _apiserver_sans(service_ip: str) -> list[x509.GeneralName]:
+def _apiserver_sans(service_ip: str, extra_ips: tuple[str, ...] = ()) -> list[x509.GeneralName]:
     names = [
         "localhost",
         "kubernetes",
@@ -151,7 +163,7 @@ def _apiserver_sans(service_ip: str) -> list[x509.GeneralName]:
         "kubernetes.default.svc",
         "kubernetes.default.svc.cluster.local",
     ]
-    ips = ["127.0.0.1", service_ip]
+    ips = ["127.0.0.1", service_ip, *extra_ips]
     return [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
 
 
@@ -167,19 +179,38 @@ def _write_service_account_keys(directory: Path) -> tuple[Path, Path]:
     return private, public
 
 
-def create_pki(directory: Path, service_ip: str) -> Pki:
+def create_pki(directory: Path, service_ip: str, node: tuple[str, str] | None = None) -> Pki:
     """Write a fresh CA, the apiserver serving pair, client pairs and the service-account key pair.
 
     `service_ip` is the first address of the service CIDR (the in-cluster `kubernetes` Service).
+    `node` is (name, ip) of a real node: the apiserver then also serves on that IP, and the node's
+    kubelet, kube-proxy and CoreDNS get their certificates.
     """
     directory.mkdir(parents=True, exist_ok=True)
     ca, ca_cert, ca_key = _make_ca(directory)
     serving, serving_key = _issue(
-        ca_cert, ca_key, _name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, _apiserver_sans(service_ip)
+        ca_cert,
+        ca_key,
+        _name("kube-apiserver"),
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        _apiserver_sans(service_ip, (node[1],) if node else ()),
     )
     apiserver = _write_pair(serving, serving_key, directory, "apiserver")
+    subjects = dict(CLIENT_SUBJECTS)
+    kubelet_serving = None
+    if node:
+        subjects.update(NODE_CLIENT_SUBJECTS)
+        subjects["kubelet"] = (f"system:node:{node[0]}", "system:nodes")
+        cert, key = _issue(
+            ca_cert,
+            ca_key,
+            _name(f"system:node:{node[0]}", "system:nodes"),
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            [x509.DNSName(node[0]), x509.IPAddress(ipaddress.ip_address(node[1]))],
+        )
+        kubelet_serving = _write_pair(cert, key, directory, "kubelet-serving")
     clients = {}
-    for component, (common_name, organization) in CLIENT_SUBJECTS.items():
+    for component, (common_name, organization) in subjects.items():
         cert, key = _issue(ca_cert, ca_key, _name(common_name, organization), ExtendedKeyUsageOID.CLIENT_AUTH)
         clients[component] = _write_pair(cert, key, directory, f"client-{component}")
     sa_key, sa_pub = _write_service_account_keys(directory)
@@ -190,4 +221,5 @@ def create_pki(directory: Path, service_ip: str) -> Pki:
         clients=clients,
         service_account_key=sa_key,
         service_account_pub=sa_pub,
+        kubelet_serving=kubelet_serving,
     )

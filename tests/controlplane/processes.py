@@ -77,7 +77,13 @@ class Supervisor:
         pid_dir.mkdir(parents=True, exist_ok=True)
         log_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> PidRecord:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> PidRecord:
         log = self.log_dir / f"{name}.log"
         with open(log, "ab") as out:
             child = subprocess.Popen(
@@ -88,6 +94,7 @@ class Supervisor:
                 start_new_session=True,
                 preexec_fn=_die_with(os.getpid()) if self.die_with_parent else None,
                 env=env,
+                pass_fds=tuple(pass_fds),
             )
         self._children[child.pid] = child
         record = PidRecord(name, child.pid, proc_start_time(child.pid) or "", str(log))
@@ -104,6 +111,17 @@ class Supervisor:
                 killed.append(record.name)
             path.unlink()
         return killed
+
+    def stop_named(self, name: str, grace_s: float = 10.0) -> bool:
+        """End the recorded process group called `name`; True if SIGTERM sufficed (or none runs)."""
+        clean = True
+        for path in sorted(self.pid_dir.glob(f"*-{name}.json")):
+            record = PidRecord(**json.loads(path.read_text()))
+            if record.name != name:
+                continue
+            clean = stop_group(record, grace_s, self._children.pop(record.pid, None)) and clean
+            path.unlink()
+        return clean
 
     def records(self) -> list[PidRecord]:
         return [PidRecord(**json.loads(p.read_text())) for p in sorted(self.pid_dir.glob("*.json"))]
