@@ -12,7 +12,7 @@ import pytest
 import torch
 from interpreter import Interpreter
 
-from moeserve.workers.kernels.fused_moe import TileConfig, fused_moe
+from moeserve.workers.kernels.fused_moe import TileConfig, fused_moe, fused_moe_torch
 from moeserve.workers.kernels.moe_align import align_by_expert, max_padded_rows
 from moeserve.workers.moe import RoutedExperts
 
@@ -60,7 +60,7 @@ def routing(case: Case, gen: torch.Generator) -> torch.Tensor:
     return ids
 
 
-def check_fused_moe_matches_naive(name: str, dtype_name: str, device: str) -> None:
+def check_fused_moe_matches_naive(name: str, dtype_name: str, device: str, impl: str = "triton") -> None:
     case, dtype = CASES[name], DTYPES[dtype_name]
     gen = torch.Generator().manual_seed(len(name))
     experts = RoutedExperts(case.dim, case.inter, list(range(case.experts)))
@@ -73,15 +73,11 @@ def check_fused_moe_matches_naive(name: str, dtype_name: str, device: str) -> No
     weights = torch.rand(case.tokens, case.top_k, generator=gen) + 0.1
     hosted = ids < case.experts
     expected = experts.forward_naive(x, torch.where(hosted, ids, 0), torch.where(hosted, weights, 0.0))
-    got = fused_moe(
-        x.to(device),
-        experts.w13.to(device),
-        experts.w2.to(device),
-        ids.to(device),
-        weights.to(device),
-        foreign=case.routing == "foreign",
-        config=case.tiles,
-    ).cpu()
+    inputs = [t.to(device) for t in (x, experts.w13.detach(), experts.w2.detach(), ids, weights)]
+    if impl == "triton":
+        got = fused_moe(*inputs, foreign=case.routing == "foreign", config=case.tiles).cpu()
+    else:
+        got = fused_moe_torch(*inputs, block_m=case.tiles.block_m if case.tiles else 16).cpu()
     assert got.shape == expected.shape and got.dtype == dtype, (got.shape, got.dtype)
     scale = expected.float().abs().max().item()
     tol = 1e-5 * scale if dtype == torch.float32 else 2**-6 * scale  # bf16: about two ulps of the max
@@ -95,6 +91,13 @@ def check_fused_moe_matches_naive(name: str, dtype_name: str, device: str) -> No
 @pytest.mark.parametrize("name", CASES)
 def test_fused_moe_matches_naive_on_the_interpreter(interpreter: Interpreter, name: str, dtype: str) -> None:
     interpreter.run(check_fused_moe_matches_naive, name, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", CASES)
+def test_torch_form_of_the_kernels_matches_naive(name: str, dtype: str) -> None:
+    """The sync-free torch form that devices without the kernels use in the static decode step."""
+    check_fused_moe_matches_naive(name, dtype, "cpu", impl="torch")
 
 
 @pytest.mark.gpu

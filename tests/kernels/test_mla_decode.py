@@ -11,7 +11,7 @@ import torch
 from builders import tiny_config
 from interpreter import Interpreter
 
-from moeserve.workers.kernels.mla_decode import num_splits, paged_mla_decode
+from moeserve.workers.kernels.mla_decode import num_splits, paged_mla_decode, paged_mla_decode_torch
 from moeserve.workers.mla import MLA
 
 pytestmark = pytest.mark.unit
@@ -38,14 +38,17 @@ CASES = {
 }
 
 
-def paged_inputs(case: Case, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+def paged_inputs(
+    case: Case, dtype: torch.dtype, gen: torch.Generator, garbage: float = float("nan")
+) -> tuple[torch.Tensor, ...]:
     """A cache whose blocks are scattered (holes between a sequence's blocks), every block no
     sequence uses and every table entry past a context pointing at NaN rows: a kernel that reads
-    anything outside the contexts returns NaN."""
+    anything outside the contexts returns NaN. (The torch form gathers whole blocks and masks the
+    scores, as the eager path does, so it gets large finite garbage instead.)"""
     width = case.latent + case.rope
     needed = [-(-n // case.block_size) for n in case.contexts]
     num_blocks = 2 * sum(needed) + 2
-    cache = torch.full((num_blocks, case.block_size, width), float("nan"))
+    cache = torch.full((num_blocks, case.block_size, width), garbage)
     free = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
     tables = torch.zeros(len(case.contexts), max(needed) + 1, dtype=torch.long)  # one extra entry
     nan_block = free.pop()
@@ -54,7 +57,7 @@ def paged_inputs(case: Case, dtype: torch.dtype, gen: torch.Generator) -> tuple[
         free = free[1:]  # skip one: a hole between this sequence's blocks and the next one's
         tables[i] = torch.tensor(blocks + [nan_block] * (tables.shape[1] - nb))
         rows = torch.randn(nb * case.block_size, width, generator=gen)
-        rows[n:] = float("nan")  # the rest of the last block is not context either
+        rows[n:] = garbage  # the rest of the last block is not context either
         cache[blocks] = rows.view(nb, case.block_size, width)
     q = torch.randn(len(case.contexts), case.heads, width, generator=gen)
     return q.to(dtype), cache.to(dtype), tables, torch.tensor(case.contexts)
@@ -71,11 +74,13 @@ def reference(q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, contex
     return torch.stack(out)
 
 
-def check_matches_reference(name: str, dtype_name: str, device: str) -> None:
+def check_matches_reference(name: str, dtype_name: str, device: str, impl: str = "triton") -> None:
     case, dtype = CASES[name], DTYPES[dtype_name]
-    q, cache, tables, contexts = paged_inputs(case, dtype, torch.Generator().manual_seed(len(name)))
+    garbage = float("nan") if impl == "triton" else 3e4
+    q, cache, tables, contexts = paged_inputs(case, dtype, torch.Generator().manual_seed(len(name)), garbage)
     scale = 0.37
-    got = paged_mla_decode(
+    decode = paged_mla_decode if impl == "triton" else paged_mla_decode_torch
+    got = decode(
         q.to(device),
         cache.to(device),
         tables.to(device),
@@ -139,6 +144,13 @@ def test_paged_decode_matches_reference_on_the_interpreter(
     interpreter: Interpreter, name: str, dtype: str
 ) -> None:
     interpreter.run(check_matches_reference, name, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", CASES)
+def test_torch_form_of_the_kernels_matches_reference(name: str, dtype: str) -> None:
+    """The sync-free torch form that devices without the kernels use in the static decode step."""
+    check_matches_reference(name, dtype, "cpu", impl="torch")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

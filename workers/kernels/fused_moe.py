@@ -12,6 +12,7 @@ Legend: T tokens, K experts per token, E experts, D hidden, I expert intermediat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -91,3 +92,41 @@ def fused_moe(
         w2.stride(0), w2.stride(1), **tiles, **meta,
     )  # fmt: skip
     return out.view(t, k, dim).sum(dim=1).to(x.dtype)  # [T, K, D] -> [T, D]
+
+
+def fused_moe_torch(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    block_m: int = 16,
+) -> torch.Tensor:
+    """The kernels' algorithm in torch ops, for devices without them: the same tiles, one batched
+    matmul over all tiles instead of a program per tile. Sync-free with static shapes like the
+    kernels (so a decode step using it compiles with `torch.compile(fullgraph=True)`), but it
+    copies each tile's expert weights, so it is meant for small models and checks, not for speed.
+    Same arguments as `fused_moe`; ids == E (not hosted) add nothing."""
+    t, k = ids.shape
+    num_experts, two_inter, dim = w13.shape
+    pairs = t * k
+    aligned = align_by_expert(ids, num_experts, block_m)
+    rows = aligned.sorted_pairs.long().view(-1, block_m)  # [NB, BM]
+    live = rows < pairs
+    live &= (aligned.tile_experts < num_experts)[:, None]  # foreign tiles (one-token layout) too
+    safe = torch.where(live, rows, 0)
+    experts = aligned.tile_experts.long().clamp(max=num_experts - 1)  # [NB]
+    xs = x[safe // k]  # [NB, BM, D]
+    gate, up = torch.bmm(xs, w13[experts].transpose(1, 2)).float().chunk(2, dim=-1)  # [NB, BM, I] each
+    h = (torch.nn.functional.silu(gate) * up).to(x.dtype)
+    y = torch.bmm(h, w2[experts].transpose(1, 2)).float()  # [NB, BM, D]
+    y = y * (weights.reshape(-1).float()[safe] * live)[..., None]
+    out = torch.zeros(pairs + 1, dim, dtype=torch.float32, device=x.device)  # row P: padding's sink
+    out.index_add_(0, torch.where(live, rows, pairs).flatten(), y.flatten(0, 1))
+    return out[:pairs].view(t, k, dim).sum(dim=1).to(x.dtype)
+
+
+def fused_moe_for(device: torch.device) -> Callable[..., torch.Tensor]:
+    """The routed-experts implementation for a device: the Triton kernels on CUDA, their torch
+    form elsewhere (both sync-free; the CPU's eager fast path is the caller's grouped matmuls)."""
+    return fused_moe if device.type == "cuda" else fused_moe_torch

@@ -12,6 +12,8 @@ Legend: B decode sequences, H heads, C kv_lora_rank, R rope dim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moeserve.workers.kernels.runtime import (
@@ -81,3 +83,29 @@ def paged_mla_decode(
         BLOCK_C=next_power_of_2(kv_lora_rank), num_warps=4,
     )  # fmt: skip
     return out
+
+
+def paged_mla_decode_torch(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    kv_lora_rank: int,
+    splits: int = 1,
+) -> torch.Tensor:
+    """`paged_mla_decode` in torch ops for devices without the kernels: gathers every table entry's
+    block ([B, nb * block_size, C + R]) and masks past each context. Sync-free with static shapes;
+    `splits` is accepted for the same signature and has no effect."""
+    b, nb = block_tables.shape
+    _, block_size, width = cache.shape
+    latents = cache[block_tables].view(b, nb * block_size, width)  # [B, L, C+R]
+    scores = torch.bmm(q, latents.transpose(1, 2)).float() * scale  # [B, H, L]
+    beyond = torch.arange(nb * block_size, device=q.device)[None, None, :] >= context_lens[:, None, None]
+    probs = scores.masked_fill(beyond, float("-inf")).softmax(dim=-1).to(cache.dtype)
+    return torch.bmm(probs, latents[..., :kv_lora_rank]).to(q.dtype)  # [B, H, C]
+
+
+def paged_mla_decode_for(device: torch.device) -> Callable[..., torch.Tensor]:
+    """The Triton kernels on CUDA, their torch form elsewhere."""
+    return paged_mla_decode if device.type == "cuda" else paged_mla_decode_torch
