@@ -506,6 +506,7 @@ def _pod_basics(init: list[Manifest], containers: list[Manifest], volumes: list[
     return {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
+        "automountServiceAccountToken": False,  # Ray never calls the Kubernetes API
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
         "initContainers": init,
         "containers": containers,

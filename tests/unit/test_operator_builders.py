@@ -510,6 +510,7 @@ def test_ray_pods_run_unprivileged_with_the_specs_pull_policy() -> None:
             "runAsNonRoot": True,
             "seccompProfile": {"type": "RuntimeDefault"},
         }
+        assert pod["spec"]["automountServiceAccountToken"] is False
         for c in [*pod["spec"]["initContainers"], *pod["spec"]["containers"]]:
             assert c["imagePullPolicy"] == "Never" and c["image"] == "registry.invalid/moeserve:test"
             assert c["securityContext"] == {
