@@ -122,6 +122,38 @@ def test_helm_lint_is_clean_and_both_rbac_modes_render(k8s_cluster: ControlPlane
     assert deployment["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "system"}
 
 
+def test_the_chart_runs_a_locally_imported_image_with_kopfs_health_probes(k8s_cluster: ControlPlane) -> None:
+    def render(*values: str, check: bool = True) -> Any:
+        return helm(
+            k8s_cluster.kubeconfig,
+            "template",
+            "r",
+            str(CHART),
+            "-n",
+            "ops",
+            "--kube-version=1.37.2",
+            *values,
+            check=check,
+        )
+
+    out = render("--set=image.repository=moeserve", "--set=image.tag=dev", "--set=image.pullPolicy=Never")
+    (deployment,) = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert (container["image"], container["imagePullPolicy"]) == ("moeserve:dev", "Never")
+    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
+    assert "--model-retry-interval=60" in container["args"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
+    assert (
+        pod["securityContext"]["runAsNonRoot"] is True and pod["serviceAccountName"] == "r-moeserve-operator"
+    )
+    bad = render("--set=image.pullPolicy=Sometimes", check=False)
+    assert bad.returncode != 0 and "pullPolicy" in bad.stderr, bad.stderr
+    old = render("--kube-version=1.32.0", check=False)
+    assert old.returncode != 0 and "kubeVersion" in old.stderr, old.stderr
+
+
 def test_chart_installs_the_crd_and_an_operator_with_least_privilege(
     installed: Installed, kubectl: Kubectl, k8s_client: client.ApiClient
 ) -> None:
