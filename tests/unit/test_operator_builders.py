@@ -6,6 +6,7 @@ ServeAppConfig's, and the example maps onto a ServeAppConfig and a deploy docume
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -497,8 +498,9 @@ def test_cpu_only_services_ask_for_no_gpu_and_run_gloo() -> None:
         assert "tolerations" not in pod["spec"] and "nodeSelector" not in pod["spec"]
     cfg = serve_app_config(spec)
     assert (cfg.gpus_per_attention_rank, cfg.gpus_per_expert_rank) == (0.0, 0.0)
-    from moeserve.workers.serve_app import rank_spec  # how the app picks backend and device
-
+    # how the Serve application (the module the deploy document names) picks backend and device
+    app = importlib.import_module(contract.SERVE_APP_IMPORT_PATH.split(":")[0])
+    rank_spec = app.rank_spec
     assert rank_spec(cfg).ep.backend == "gloo"
     gpu = serve_app_config(spec_of())
     assert rank_spec(gpu).ep.backend == "nccl"
