@@ -1,18 +1,17 @@
 """Start an expert-parallel model instance as A + E local processes and supervise them.
 
-The launcher validates the placement before anything starts (a `PlacementError` costs no
-process), hosts the rendezvous `TCPStore` on 127.0.0.1 (port chosen by the OS, so there is no
-free-port race), forks one process per rank from a forkserver that has already imported torch,
-and collects what the ranks report. If a rank fails, the others fail too within the collective
-timeout (their collectives error out); whatever is still running `timeout + grace` seconds after
-the first failure is killed. `RankFailure` then names the rank that failed first (one that died,
-hung or raised on its own, rather than one that only lost a peer). Ray-placed instances use
-`ep_rank.run_rank` directly and do not go through this module.
+The launcher validates the placement before anything starts (a `PlacementError` costs no process),
+hosts the rendezvous `TCPStore` on 127.0.0.1 only (port chosen by the OS, so there is no free-port
+race; every rank proves it holds a fresh secret that only the ranks get), forks one process per rank from a
+forkserver that has already imported torch, and collects what the ranks report. If a rank fails, the
+others fail too within the collective timeout (their collectives error out); whatever is still
+running `timeout + grace` seconds after the first failure is killed. `RankFailure` then names the
+rank that failed first (one that died, hung or raised on its own, rather than one that only lost a
+peer). Ray-placed instances use `ep_rank.run_rank` directly and do not go through this module.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 import pickle
 import queue
@@ -21,12 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.ep_rank import EPSettings, RankError, RankResult, Run, describe_error, run_rank
-from moeserve.workers.ep_world import WorldLayout
+from moeserve.workers.ep_world import WorldLayout, host_store, new_secret
 
 STORE_HOST = "127.0.0.1"
 GRACE_S = 5.0  # after the first failure, on top of the collective timeout, before killing the rest
@@ -52,6 +50,7 @@ def _child(
     settings: EPSettings,
     runs: list[Run],
     store_port: int,
+    secret: bytes,
     messages: Any,
 ) -> None:
     """Process entry: run the rank; report the outcome; exit non-zero on failure."""
@@ -62,7 +61,7 @@ def _child(
         messages.put((kind, r, pickle.dumps(payload)))
 
     try:
-        result = run_rank(rank, model_path, settings, runs, STORE_HOST, store_port, report)
+        result = run_rank(rank, model_path, settings, runs, STORE_HOST, store_port, secret, report)
     except BaseException as e:  # noqa: BLE001 - every failure is reported, then the process ends
         report("error", rank, describe_error(settings.layout.describe(rank), e))
         messages.close()
@@ -95,13 +94,21 @@ class LocalWorld:
     def start(self) -> None:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "torch.distributed", "moeserve.workers.ep_rank"])
-        timeout = datetime.timedelta(seconds=self.settings.startup_timeout_s)
-        self.store = dist.TCPStore(STORE_HOST, 0, is_master=True, wait_for_workers=False, timeout=timeout)
+        self.store = host_store(STORE_HOST, self.settings.startup_timeout_s)
+        secret = new_secret()
         self.messages = ctx.Queue()
         for rank in range(self.layout.size):
             proc = ctx.Process(
                 target=_child,
-                args=(rank, self.model_path, self.settings, self.runs, self.store.port, self.messages),
+                args=(
+                    rank,
+                    self.model_path,
+                    self.settings,
+                    self.runs,
+                    self.store.port,
+                    secret,
+                    self.messages,
+                ),
                 name=f"moeserve-{self.layout.role(rank)}-{rank}",
             )
             proc.start()

@@ -105,6 +105,7 @@ def run_rank(
     runs: list[Run],
     store_host: str,
     store_port: int,
+    secret: bytes,
     report: Reporter,
 ) -> RankResult:
     """Join the world, load this rank's weights, run every run. Raises on failure."""
@@ -115,6 +116,7 @@ def run_rank(
         layout,
         store_host,
         store_port,
+        secret,
         settings.backend,
         settings.collective_timeout_s,
         settings.startup_timeout_s,

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.engine.core import Engine, EngineObserver
 from moeserve.workers.engine.lockstep import LockstepLoop, serve_experts
-from moeserve.workers.engine.request import RequestOutput, SamplingParams
+from moeserve.workers.engine.loop import EngineStopped, QueueFull
+from moeserve.workers.engine.request import AbortCause, InvalidRequest, RequestOutput, SamplingParams
 from moeserve.workers.engine.runner import LocalModelRunner
 from moeserve.workers.engine.settings import EngineSettings
 from moeserve.workers.ep_dispatch import AllToAllExecutor, ExpertServer
@@ -47,11 +48,19 @@ class ServingRankSpec:
     """torch CPU threads per rank."""
 
 
-def join_world(spec: ServingRankSpec, rank: int, store_host: str, store_port: int) -> EPWorld:
+def join_world(spec: ServingRankSpec, rank: int, store_host: str, store_port: int, secret: bytes) -> EPWorld:
+    """Join the instance's world through its launcher's store; `secret` is that instance's."""
     torch.set_num_threads(spec.threads)
     ep = spec.ep
     return init_world(
-        rank, ep.layout, store_host, store_port, ep.backend, ep.collective_timeout_s, ep.startup_timeout_s
+        rank,
+        ep.layout,
+        store_host,
+        store_port,
+        secret,
+        ep.backend,
+        ep.collective_timeout_s,
+        ep.startup_timeout_s,
     )
 
 
@@ -102,8 +111,8 @@ class AttentionRank:
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         try:
             engine_key = self.loop.submit(prompt_ids, sampling, sink, request_id, deadline)
-        except Exception as e:  # noqa: BLE001 - queue full, stopping or failed: the stream ends
-            refused = RequestOutput(request_id, [], "", "abort", abort_cause="failed", error=str(e))
+        except Exception as e:  # noqa: BLE001 - every refusal ends the stream, with its own cause
+            refused = RequestOutput(request_id, [], "", "abort", abort_cause=refusal_cause(e), error=str(e))
             self.on_output(key, refused)
             return
         with self._lock:
@@ -138,6 +147,17 @@ class AttentionRank:
         self.loop.stop(timeout_s)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def refusal_cause(error: Exception) -> AbortCause:
+    """How a refused submission ends its stream: only a failed engine means the instance is down."""
+    if isinstance(error, QueueFull):
+        return "queue_full"
+    if isinstance(error, InvalidRequest):
+        return "invalid"
+    if isinstance(error, EngineStopped):
+        return "stopping"
+    return "failed"
 
 
 def run_expert_rank(spec: ServingRankSpec, world: EPWorld, stop: threading.Event | None = None) -> int:

@@ -11,7 +11,11 @@ process. This module knows nothing about models or experts.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import hmac
 import os
+import secrets
+import socket
 import sys
 import threading
 import time
@@ -228,18 +232,72 @@ def default_device(backend: Backend, rank: int) -> torch.device:
     return torch.device("cuda", rank % max(torch.cuda.device_count(), 1))
 
 
+def new_secret() -> bytes:
+    """A per-instance rendezvous secret; the launcher hands it to every rank of that instance only."""
+    return secrets.token_bytes(32)
+
+
+def host_store(address: str, timeout_s: float) -> dist.TCPStore:
+    """A world's rendezvous TCPStore listening on `address` only (port chosen by the OS).
+
+    TCPStore itself listens on every interface whatever host name it is given, so the socket is
+    bound here and handed over (`master_listen_fd`); the store owns it from then on."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((address, 0))
+        sock.listen(128)
+        store = dist.TCPStore(
+            address,
+            sock.getsockname()[1],
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            master_listen_fd=sock.fileno(),
+        )
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()
+    return store
+
+
+def prove_membership(
+    group: dist.ProcessGroup, rank: int, size: int, secret: bytes, device: torch.device
+) -> None:
+    """Every rank shows every other that it holds the instance's secret (HMAC-SHA256 of a fresh
+    nonce from rank 0 and its rank); raises `CollectiveError` naming a rank that cannot.
+
+    The TCPStore cannot authenticate its clients, so anyone who reaches it during start-up could
+    try to take a rank's place in the rendezvous; such a world never serves."""
+    nonce = torch.tensor(list(os.urandom(16)) if rank == 0 else [0] * 16, dtype=torch.long, device=device)
+    dist.broadcast(nonce, src=0, group=group)  # [16] bytes as int64
+
+    def tag(r: int) -> list[int]:
+        return list(hmac.new(secret, bytes(nonce.tolist()) + r.to_bytes(4, "big"), hashlib.sha256).digest())
+
+    mine = torch.tensor(tag(rank), dtype=torch.long, device=device)  # [32]
+    tags = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(tags, mine, group=group)  # size x [32]
+    for r, got in enumerate(tags):
+        if not hmac.compare_digest(bytes(got.tolist()), bytes(tag(r))):
+            raise CollectiveError(f"rank {r} does not hold this instance's secret; refusing to serve with it")
+
+
 def init_world(
     rank: int,
     layout: WorldLayout,
     store_host: str,
     store_port: int,
+    secret: bytes,
     backend: Backend = "gloo",
     timeout_s: float = 60.0,
     startup_timeout_s: float = 600.0,
     device: torch.device | None = None,
     on_watchdog: Callable[[str], None] | None = None,
 ) -> EPWorld:
-    """Join the world through the launcher's TCPStore.
+    """Join the world through the launcher's TCPStore, then prove to every rank that this one holds
+    the instance's `secret` (and check that they do).
 
     Rendezvous and `wait_for_all_ranks` wait up to `startup_timeout_s`; every step's collectives
     run on a second group over the same ranks whose timeout is `timeout_s`."""
@@ -259,6 +317,7 @@ def init_world(
     startup_group = dist.group.WORLD
     group = dist.new_group(list(range(layout.size)), timeout=datetime.timedelta(seconds=timeout_s))
     assert isinstance(startup_group, dist.ProcessGroup) and isinstance(group, dist.ProcessGroup)
+    prove_membership(startup_group, rank, layout.size, secret, device)
     watchdog = Watchdog(on_watchdog or _print_to_stderr)
     return EPWorld(group, rank, layout, device, timeout_s, watchdog, startup_group, startup_timeout_s)
 

@@ -3,11 +3,13 @@
 `AttentionRankActor` and `ExpertRankActor` host the `ep_serving` rank programs (the same lockstep
 loops as local processes); attention actors stream `RequestOutput`s with Ray streaming generators.
 `RankWorld` is one generation of an instance: a placement group (one bundle per rank; the custom
-resources `moeserve_attention` / `moeserve_expert` only when the cluster offers them), A + E
-actors, the TCPStore on attention rank 0's node. `ModelInstanceCore` owns the current world,
-sends each request to the attention rank with the fewest in flight, and when any actor dies or a
-rank fails it ends the streams in flight as "unavailable", kills the world and starts a fresh one.
-This module imports ray; the model code does not.
+resources `moeserve_attention` / `moeserve_expert` only when the cluster offers them), A + E actors,
+the TCPStore on attention rank 0's node (bound to that node's IP only, closed once every rank joined;
+the ranks prove to each other that they hold a secret each generation makes and hands to its actors
+through Ray).
+`ModelInstanceCore` owns the current world, sends each request to the attention rank with the fewest
+in flight, and when any actor dies or a rank fails it ends the streams in flight as "unavailable",
+kills the world and starts a fresh one. This module imports ray; the model code does not.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from moeserve import contract
 from moeserve.workers.engine.request import RequestOutput, SamplingParams
 from moeserve.workers.ep_serving import AttentionRank, ServingRankSpec, join_world, run_expert_rank
+from moeserve.workers.ep_world import host_store, new_secret
 from moeserve.workers.serve_metrics import RankMetrics
 from moeserve.workers.server.metrics import EventRecorder
 
@@ -51,14 +54,16 @@ class AttentionRankActor:
         self._store: dist.TCPStore | None = None
 
     async def host_store(self) -> tuple[str, int]:
-        """Host the world's rendezvous store here (rank 0); returns (node IP, port)."""
-        import datetime
+        """Host the world's rendezvous store here (rank 0), on this node's IP; returns (IP, port)."""
+        ip = ray.util.get_node_ip_address()
+        self._store = host_store(ip, self.spec.ep.startup_timeout_s)
+        return ip, int(self._store.port)
 
-        timeout = datetime.timedelta(seconds=self.spec.ep.startup_timeout_s)
-        self._store = dist.TCPStore("0.0.0.0", 0, is_master=True, wait_for_workers=False, timeout=timeout)
-        return ray.util.get_node_ip_address(), int(self._store.port)
+    async def close_store(self) -> None:
+        """Every rank has joined: stop listening for the rendezvous."""
+        self._store = None
 
-    async def run(self, host: str, port: int) -> None:
+    async def run(self, host: str, port: int, secret: bytes) -> None:
         """Join, load, wait for every rank, serve; returns when the loop ends, raises if it failed."""
         loop = asyncio.get_running_loop()
 
@@ -68,7 +73,7 @@ class AttentionRankActor:
                 loop.call_soon_threadsafe(queue.put_nowait, out)
 
         def start() -> AttentionRank:
-            world = join_world(self.spec, self.rank, host, port)
+            world = join_world(self.spec, self.rank, host, port, secret)
             ranker = AttentionRank(self.spec, world, on_output, self.events)
             ranker.start()
             return ranker
@@ -126,8 +131,8 @@ class ExpertRankActor:
         self.spec = spec
         self.rank = rank
 
-    def run(self, host: str, port: int) -> int:
-        world = join_world(self.spec, self.rank, host, port)
+    def run(self, host: str, port: int, secret: bytes) -> int:
+        world = join_world(self.spec, self.rank, host, port, secret)
         return run_expert_rank(self.spec, world)
 
 
@@ -183,7 +188,8 @@ class RankWorld:
                 actor = expert.options(**options).remote(self._spec, rank)
             (self.attention if role == "attention" else self.experts).append(actor)
         host, port = await self.attention[0].host_store.remote()
-        self.runs = [a.run.remote(host, port) for a in [*self.attention, *self.experts]]
+        secret = new_secret()  # this generation's; reaches its actors only, through Ray
+        self.runs = [a.run.remote(host, port, secret) for a in [*self.attention, *self.experts]]
         deadline = time.monotonic() + timeout_s
         for actor in self.attention:
             while not await actor.ready.remote():
@@ -194,6 +200,7 @@ class RankWorld:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{self.name}: ranks not ready after {timeout_s:g} s")
                 await asyncio.sleep(0.1)
+        await self.attention[0].close_store.remote()
 
     def failed_rank(self) -> str | None:
         """A description of a rank whose actor ended (it should run until the world stops), or None."""

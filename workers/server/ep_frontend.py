@@ -1,17 +1,19 @@
 """The gRPC process's side of an expert-parallel instance made of local rank processes.
 
 `EPFrontend` starts A attention-rank and E expert-rank processes (`ep_serving` programs, gloo,
-rendezvous through a TCPStore it hosts on 127.0.0.1) and stands in for `EngineLoop` behind the
-servicer: it validates each request against a never-stepped twin of the ranks' engine, sends it to
-the attention rank with the fewest requests in flight, and relays that rank's `RequestOutput`s to
-the request's sink. Aborts go to the rank that holds the request. If any rank dies or fails, every
-stream in flight ends with abort cause "unavailable", the rest of the ranks are killed and
-`alive` turns False (health NOT_SERVING). Ray-hosted instances do not use this module.
+rendezvous through a TCPStore it hosts on 127.0.0.1 only and closes once every rank has joined; the
+ranks prove to each other that they hold a secret only this instance's ranks get) and stands in for
+`EngineLoop` behind the servicer: it validates each request against a never-stepped twin of the
+ranks' engine, sends it to the attention rank with the fewest requests in flight, and relays that
+rank's `RequestOutput`s to the request's sink. Aborts go to the rank that holds the request. If any
+rank dies or fails, every stream in flight ends with abort cause "unavailable" and the failure's own
+message, the rest of the ranks are killed, `alive` turns False (health NOT_SERVING) and the gauges
+read idle. A rank that refuses one request (queue full, invalid) ends that stream alone with its own
+cause. Ray-hosted instances do not use this module.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import queue
@@ -33,6 +35,7 @@ from moeserve.workers.engine.request import AbortCause, RequestOutput, SamplingP
 from moeserve.workers.engine.settings import EngineSettings
 from moeserve.workers.ep_rank import EPSettings
 from moeserve.workers.ep_serving import AttentionRank, ServingRankSpec, join_world, run_expert_rank
+from moeserve.workers.ep_world import host_store, new_secret
 from moeserve.workers.kv_cache import BlockAllocator
 from moeserve.workers.server.convert import model_info
 from moeserve.workers.server.metrics import EventRecorder, RankGauges, ServingMetrics
@@ -63,11 +66,13 @@ def validation_engine(spec: ServingRankSpec, tokenizer: Tokenizer | None) -> Eng
     return Engine(ShapeRunner(config, spec.engine), spec.engine, config.eos_token_ids, tokenizer)
 
 
-def _rank_main(rank: int, spec: ServingRankSpec, store_port: int, inbox: Any, outbox: Any) -> None:
+def _rank_main(
+    rank: int, spec: ServingRankSpec, store_port: int, secret: bytes, inbox: Any, outbox: Any
+) -> None:
     """Process entry of one rank; reports ("ready"|"out"|"stopped"|"error", rank, payload)."""
     name = spec.ep.layout.describe(rank)
     try:
-        world = join_world(spec, rank, STORE_HOST, store_port)
+        world = join_world(spec, rank, STORE_HOST, store_port, secret)
         if world.role == "expert":
             run_expert_rank(spec, world)
             outbox.put(("stopped", rank, None))
@@ -143,15 +148,15 @@ class EPFrontend:
     def start(self) -> EPFrontend:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "torch.distributed", "moeserve.workers.ep_serving"])
-        timeout = datetime.timedelta(seconds=self.spec.ep.startup_timeout_s)
-        self._store = dist.TCPStore(STORE_HOST, 0, is_master=True, wait_for_workers=False, timeout=timeout)
+        self._store: dist.TCPStore | None = host_store(STORE_HOST, self.spec.ep.startup_timeout_s)
+        secret = new_secret()
         self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in range(self.layout.attention_ranks)]
         for rank in range(self.layout.size):
             inbox = self._inboxes[rank] if rank < self.layout.attention_ranks else None
             proc = ctx.Process(
                 target=_rank_main,
-                args=(rank, self.spec, self._store.port, inbox, self._outbox),
+                args=(rank, self.spec, self._store.port, secret, inbox, self._outbox),
                 name=f"moeserve-{self.layout.role(rank)}-{rank}",
                 daemon=True,
             )
@@ -169,6 +174,7 @@ class EPFrontend:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"ranks not ready after {timeout_s:g} s")
             time.sleep(0.05)
+        self._store = None  # every rank has joined: nothing listens for the rendezvous any more
 
     def rank_stats(self, timeout_s: float = 10.0) -> list[dict[str, int]]:
         """Fresh counters of every attention rank (`AttentionRank.stats`)."""
@@ -197,6 +203,12 @@ class EPFrontend:
             proc.join(max(0.0, end - time.monotonic()))
         self._kill_all()
         self._end_all("stopping", "server is stopping")
+        self._idle_gauges()
+
+    def _idle_gauges(self) -> None:
+        """The ranks are gone: nothing runs, waits or holds a block (per-expert counts are kept)."""
+        free = self.engine.runner.allocator.num_free
+        self._gauges = {r: RankGauges(0, 0, 0, free, g.expert_tokens) for r, g in self._gauges.items()}
 
     # the EngineLoop interface
     @property
@@ -292,6 +304,7 @@ class EPFrontend:
             if self._engine_failure is None:  # name the dead rank, whichever side noticed first
                 self._engine_failure = self._root_cause(rank, out.error or "engine failed")
             out = replace(out, abort_cause="unavailable", error=self._engine_failure)
+        # any other cause (queue_full, invalid, error) is this request's alone and passes through
         with self._lock:
             held = self._sinks.get(key)
             if held is not None and out.finished:
@@ -308,6 +321,7 @@ class EPFrontend:
             self.failure = RuntimeError(message)
         self._kill_all()
         self._end_all("unavailable", f"model instance lost a rank: {message}")
+        self._idle_gauges()
         if self.on_failure is not None:
             self.on_failure(self.failure)
 
