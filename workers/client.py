@@ -81,9 +81,15 @@ def build_request(
 
 
 class InferenceClient:
-    def __init__(self, endpoint: str):
+    """`credentials` (e.g. `grpc.ssl_channel_credentials(root_ca, key, cert)`) for a TLS server."""
+
+    def __init__(self, endpoint: str, credentials: grpc.ChannelCredentials | None = None):
         self.endpoint = endpoint
-        self.channel = grpc.insecure_channel(endpoint)
+        self.channel = (
+            grpc.secure_channel(endpoint, credentials)
+            if credentials is not None
+            else grpc.insecure_channel(endpoint)
+        )
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
@@ -133,7 +139,7 @@ def gather(stream: Iterable[pb.GenerateResponse]) -> Completion:
     """Concatenate streamed chunks into one Completion."""
     done = Completion()
     for chunk in stream:
-        done.request_id = chunk.request_id
+        done.request_id = chunk.request_id or done.request_id  # sent in the first chunk only
         done.token_ids.extend(chunk.token_ids)
         done.text += chunk.text
         done.logprobs.extend(chunk.logprobs)

@@ -36,7 +36,7 @@ from moeserve.workers.ep_serving import ServingRankSpec
 from moeserve.workers.placement import PlacementError
 from moeserve.workers.serve_ranks import ModelInstanceCore
 from moeserve.workers.serve_routing import READY_STAT, router_config
-from moeserve.workers.server.convert import model_info, to_engine, to_response
+from moeserve.workers.server.convert import check_sizes, model_info, to_engine, to_response
 from moeserve.workers.server.ep_frontend import validation_engine
 from moeserve.workers.tokenizer import Tokenizer
 
@@ -51,6 +51,9 @@ _STATUS = {
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
     "failed": grpc.StatusCode.INTERNAL,
+    "error": grpc.StatusCode.INTERNAL,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "queue_full": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "stopping": grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -198,17 +201,20 @@ class InferenceIngress:
     async def Generate(
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        try:
-            job = to_engine(request, self.engine, self.tokenizer)
+        try:  # sizes first (cheap); tokenizing and the rest off the event loop
+            check_sizes(request, self.engine.settings.limits)
+            job = await asyncio.to_thread(to_engine, request, self.engine, self.tokenizer)
         except InvalidRequest as e:
             _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         stream: Any = self.model.options(stream=True).generate.remote(
             job.prompt_ids, job.sampling, request.request_id, None
         )
+        first = True
         async for out in stream:  # a DeploymentResponseGenerator
             if out.abort_cause in _STATUS:
                 _fail(grpc_context, _STATUS[out.abort_cause], f"{out.abort_cause}: {out.error}")
-            yield to_response(out)
+            yield to_response(out, first)
+            first = False
 
 
 class RPCFailed(RuntimeError):

@@ -24,9 +24,10 @@ def _env_int(name: str, default: int) -> int:
 
 
 def add_serve_parser(sub: argparse._SubParsersAction, dtypes: list[str], default_model: Path) -> None:
-    from moeserve.workers.engine.settings import EngineSettings
+    from moeserve.workers.engine.settings import EngineSettings, RequestLimits
 
     d = EngineSettings()
+    lim = RequestLimits()
     serve = sub.add_parser("serve", help="serve the gRPC API on this machine (no Ray)")
     serve.add_argument(
         "--model",
@@ -57,6 +58,23 @@ def add_serve_parser(sub: argparse._SubParsersAction, dtypes: list[str], default
     )
     serve.add_argument("--max-waiting", type=int, default=d.max_waiting, help="waiting queue bound")
     serve.add_argument("--max-model-len", type=int, default=None, help="prompt + completion limit")
+    for flag, default, what in (
+        ("--max-prompt-bytes", lim.max_prompt_bytes, "UTF-8 bytes of a text prompt"),
+        ("--max-stop-strings", lim.max_stop_strings, "stop strings per request"),
+        ("--max-stop-bytes", lim.max_stop_bytes, "UTF-8 bytes of a request's stop strings in all"),
+        ("--max-stop-token-ids", lim.max_stop_token_ids, "stop token ids per request"),
+        ("--max-request-id-bytes", lim.max_request_id_bytes, "UTF-8 bytes of a request_id"),
+    ):
+        serve.add_argument(
+            flag, type=int, default=default, help=f"at most this many {what} (default {default})"
+        )
+    serve.add_argument(
+        "--tls-cert", type=Path, default=None, help="PEM certificate chain: serve gRPC over TLS"
+    )
+    serve.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca", type=Path, default=None, help="PEM CA bundle: require client certificates (mTLS)"
+    )
     serve.add_argument("--grace", type=float, default=5.0, help="seconds streams get to finish on SIGTERM")
     serve.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
@@ -95,14 +113,45 @@ def check_offline_arguments(parser: argparse.ArgumentParser, args: argparse.Name
             parser.error(f"{flag} needs --endpoint")
 
 
+def tls_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> object:
+    """`TLSFiles` from --tls-cert/--tls-key/--tls-client-ca, None for plaintext; exit 2 if incomplete."""
+    from moeserve.workers.server.app import TLSFiles
+
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        parser.error("--tls-cert and --tls-key go together")
+    for flag, path in (
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+        ("--tls-client-ca", args.tls_client_ca),
+    ):
+        if path is not None and not path.is_file():
+            parser.error(f"{flag}: no file {path}")
+    if args.ray:
+        parser.error("--tls-cert: not with --ray (Ray Serve's gRPC proxy serves plaintext only)")
+    return TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
 def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes: dict[str, object]) -> int:
-    from moeserve.workers.engine.settings import EngineSettings
+    from moeserve.workers.engine.settings import EngineSettings, RequestLimits
     from moeserve.workers.server.app import InferenceServer, Listen, local_loader, serve
 
     if not (args.model / "config.json").exists():
         parser.error(f"--model: no config.json in {args.model}")
+    tls = tls_files(parser, args)
     try:
+        limits = RequestLimits(
+            max_prompt_bytes=args.max_prompt_bytes,
+            max_stop_strings=args.max_stop_strings,
+            max_stop_bytes=args.max_stop_bytes,
+            max_stop_token_ids=args.max_stop_token_ids,
+            max_request_id_bytes=args.max_request_id_bytes,
+        )
         settings = EngineSettings(
+            limits=limits,
             block_size=args.block_size,
             kv_cache_tokens=args.kv_cache_tokens,
             max_num_seqs=args.max_num_seqs,
@@ -119,11 +168,15 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
 
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    listen = Listen(args.host, args.port, None if args.no_metrics else args.metrics_port)
+    listen = Listen(args.host, args.port, None if args.no_metrics else args.metrics_port, tls)  # type: ignore[arg-type]
 
     def announce(server: InferenceServer) -> None:
         metrics = f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""
-        print(f"moeserve: listening on {args.host}:{server.port}{metrics}; loading {args.model}", flush=True)
+        scheme = " (TLS)" if tls is not None else ""
+        print(
+            f"moeserve: listening on {args.host}:{server.port}{scheme}{metrics}; loading {args.model}",
+            flush=True,
+        )
 
     if args.attention_ranks < 1:
         parser.error(f"--attention-ranks: must be >= 1, got {args.attention_ranks}")

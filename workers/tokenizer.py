@@ -26,7 +26,9 @@ class Tokenizer:
         return int(self.inner.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
-        return list(self.inner.encode(text, add_special_tokens=False).ids)
+        """Token ids of `text`. Releases the GIL while it works (`encode` would hold it throughout),
+        so a long prompt encoded on a worker thread does not stall the event loop."""
+        return list(self.inner.encode_batch([text], add_special_tokens=False)[0].ids)
 
     def decode(self, ids: list[int]) -> str:
         return str(self.inner.decode(ids, skip_special_tokens=True))

@@ -198,22 +198,29 @@ def test_a_prompt_over_the_max_model_len_is_refused_before_its_ids_are_scanned()
         engine.check([10**9] * 1_000_000, SamplingParams())
 
 
-floats = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([0.0, F32_TINY, 1e-38, 1e-300, 5e-324, MIN_TEMPERATURE, 1.0, 3.4e38, 1e308]),
-    st.floats(min_value=0.0, max_value=2.0),
-)
+def mostly(valid: st.SearchStrategy, other: st.SearchStrategy) -> st.SearchStrategy:
+    """`valid` three times in four: most examples get through validation and run."""
+    return st.one_of(valid, valid, valid, other)
+
+
+extremes = st.sampled_from([0.0, F32_TINY, 1e-38, 1e-300, 5e-324, MIN_TEMPERATURE, 1.0, 3.4e38, 1e308])
 sampling_params = st.builds(
     SamplingParams,
-    max_tokens=st.integers(min_value=-2, max_value=12),
-    temperature=floats,
-    top_p=floats,
-    top_k=st.one_of(st.integers(min_value=-3, max_value=400), st.just(2**31 - 1)),
+    max_tokens=mostly(st.integers(1, 12), st.integers(-2, 0)),
+    temperature=mostly(st.one_of(extremes, st.floats(0.0, 2.0)), st.floats()),
+    top_p=mostly(
+        st.one_of(extremes.filter(lambda v: 0 < v <= 1), st.floats(0.0, 1.0, exclude_min=True)), st.floats()
+    ),
+    top_k=mostly(st.one_of(st.integers(0, 400), st.just(2**31 - 1)), st.integers(-3, -1)),
     seed=st.one_of(st.none(), st.integers(min_value=0, max_value=2**64 - 1)),
-    stop=st.lists(st.text(max_size=6), max_size=70).map(tuple),
-    stop_token_ids=st.lists(st.integers(min_value=-1, max_value=400), max_size=20).map(tuple),
+    stop=mostly(
+        st.lists(st.text(min_size=1, max_size=6), max_size=70), st.lists(st.text(max_size=2), max_size=3)
+    ).map(tuple),
+    stop_token_ids=mostly(
+        st.lists(st.integers(0, 383), max_size=20), st.lists(st.integers(-1, 400), max_size=3)
+    ).map(tuple),
     ignore_eos=st.booleans(),
-    logprobs=st.integers(min_value=-1, max_value=25),
+    logprobs=mostly(st.integers(0, 20), st.integers(-1, 25)),
 )
 
 
@@ -228,6 +235,7 @@ def test_fuzzed_sampling_and_stop_fields_never_stop_the_engine(tokenizer: Tokeni
     loop = EngineLoop(engine).start()
     sink = Collector()
     seen = {"served": 0, "refused": 0}
+    reasons: dict[str, int] = {}
 
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(sampling=sampling_params, prompt=st.lists(st.integers(0, 383), min_size=1, max_size=20))
@@ -235,8 +243,9 @@ def test_fuzzed_sampling_and_stop_fields_never_stop_the_engine(tokenizer: Tokeni
         rid = f"f{sum(seen.values())}"
         try:
             loop.submit(prompt, sampling, sink.sink, rid)
-        except InvalidRequest:
+        except InvalidRequest as e:
             seen["refused"] += 1
+            reasons[e.field] = reasons.get(e.field, 0) + 1
             return
         out = sink.wait_finished(rid)
         assert out.finish_reason in ("stop", "length"), out  # never "abort" with an error
@@ -245,7 +254,7 @@ def test_fuzzed_sampling_and_stop_fields_never_stop_the_engine(tokenizer: Tokeni
 
     try:
         one()
-        assert loop.alive and seen["served"] > 20 and seen["refused"] > 5, seen
+        assert loop.alive and seen["served"] >= 10 and seen["refused"] >= 5, (seen, reasons)
         canary = [5, 6, 7]
         loop.submit(
             canary, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), sink.sink, "canary"

@@ -31,10 +31,16 @@ from moeserve.workers.engine.runner import LocalModelRunner
 from moeserve.workers.engine.settings import EngineSettings
 from moeserve.workers.server.convert import model_info
 from moeserve.workers.server.metrics import ServingMetrics
-from moeserve.workers.server.servicer import Backend, InferenceServicer, ServingState
+from moeserve.workers.server.servicer import (
+    Backend,
+    InferenceServicer,
+    InvalidMessageInterceptor,
+    ServingState,
+)
 from moeserve.workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+STOP_MARGIN_S = 1.0  # after the grace period: stopping the engine, ending the last streams
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # A loader builds the backend; it runs in a worker thread and may take long. The callback is how
@@ -61,14 +67,42 @@ def local_loader(model_path: Path, dtype: torch.dtype, settings: EngineSettings)
     return load
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for serving gRPC over TLS; with `client_ca`, clients must present a certificate
+    signed by it (mutual TLS)."""
+
+    cert: Path
+    """Server certificate chain."""
+    key: Path
+    """The certificate's private key."""
+    client_ca: Path | None = None
+    """CA bundle that client certificates must chain to; None: no client certificates asked for."""
+
+    def credentials(self) -> grpc.ServerCredentials:
+        root = self.client_ca.read_bytes() if self.client_ca is not None else None
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=root,
+            require_client_auth=root is not None,
+        )
+
+
 def create_server(
-    address: str, state: ServingState, health: health_aio.HealthServicer
+    address: str,
+    state: ServingState,
+    health: health_aio.HealthServicer,
+    tls: TLSFiles | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """An aio server with Inference and Health, bound to `address` (port 0 picks one); not started."""
-    server = grpc.aio.server()
+    """An aio server with Inference and Health, bound to `address` (port 0 picks one), plaintext or
+    TLS; not started. Requests that are not valid messages get INVALID_ARGUMENT."""
+    server = grpc.aio.server(interceptors=[InvalidMessageInterceptor()])
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(state), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(address)
+    if tls is not None:
+        port = server.add_secure_port(address, tls.credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind gRPC address {address}")
     return server, port
@@ -79,6 +113,7 @@ class Listen:
     host: str = "0.0.0.0"
     port: int = contract.DEFAULT_GRPC_PORT
     metrics_port: int | None = contract.DEFAULT_METRICS_PORT  # None: no metrics endpoint
+    tls: TLSFiles | None = None  # None: plaintext gRPC
 
 
 class InferenceServer:
@@ -104,7 +139,7 @@ class InferenceServer:
     async def start(self) -> None:
         await self._set_health(NOT_SERVING)
         self._server, self.port = create_server(
-            f"{self.listen.host}:{self.listen.port}", self.state, self.health
+            f"{self.listen.host}:{self.listen.port}", self.state, self.health, self.listen.tls
         )
         await self._server.start()
         if self.listen.metrics_port is not None:
@@ -138,16 +173,21 @@ class InferenceServer:
         log.info("model %s loaded; serving", backend.info.model_name)
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Refuse new requests, let streams finish for up to `grace` seconds, then abort the rest."""
+        """Refuse new requests, let streams finish for up to `grace` seconds, then abort the rest.
+
+        Bounded: returns about `grace` + `STOP_MARGIN_S` seconds after it was called, whatever
+        streams are open (a Health/Watch stream never ends by itself; it is cancelled then)."""
         self.state.stopping = True
-        await self.health.enter_graceful_shutdown()
-        stopping = asyncio.create_task(self._server.stop(grace + 5.0)) if self._server else None
+        await self.health.enter_graceful_shutdown()  # Watch streams see NOT_SERVING
+        stopping = asyncio.create_task(self._server.stop(grace + STOP_MARGIN_S)) if self._server else None
         try:
             await asyncio.wait_for(self.state.idle.wait(), grace)
         except asyncio.TimeoutError:
             pass
-        if self.state.backend is not None:
-            await asyncio.to_thread(self.state.backend.loop.stop)
+        if self.state.backend is not None:  # aborts what is still running; its streams end at once
+            await asyncio.to_thread(self.state.backend.loop.stop, STOP_MARGIN_S)
+        if self._server is not None:
+            await self._server.stop(0)  # cancels what is left, Health/Watch streams included
         if stopping is not None:
             await stopping
         if self._load_task is not None and not self._load_task.done():

@@ -1,8 +1,10 @@
 """Translation between `moeserve.v1` messages and engine objects, with request validation.
 
-`to_engine` checks what only the API knows (exactly one prompt field, text needs a tokenizer,
-defaults of unset fields); the engine checks the rest (lengths, ranges, vocab). Both raise
-`InvalidRequest` with the field's API path in the message.
+`check_sizes` is the cheap first check (field sizes against `RequestLimits`, O(number of stop
+strings), fit for the event loop). `to_engine` tokenizes and checks what only the API knows
+(exactly one prompt field, text needs a tokenizer, defaults of unset fields); it is proportional to
+the request's size, so servers run it off the event loop. The engine checks the rest (lengths,
+ranges, vocab). All raise `InvalidRequest` with the field's API path in the message.
 """
 
 from __future__ import annotations
@@ -12,7 +14,14 @@ from dataclasses import dataclass
 from moeserve.v1 import inference_pb2 as pb
 from moeserve.workers.config import ModelConfig
 from moeserve.workers.engine.core import Engine
-from moeserve.workers.engine.request import FinishReason, InvalidRequest, RequestOutput, SamplingParams
+from moeserve.workers.engine.request import (
+    FinishReason,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+    check_stop_sizes,
+)
+from moeserve.workers.engine.settings import RequestLimits
 from moeserve.workers.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 16
@@ -30,8 +39,29 @@ class EngineRequest:
     sampling: SamplingParams
 
 
+def utf8_size_over(text: str, limit: int) -> int | None:
+    """The UTF-8 size of `text` if it is over `limit`, else None (encodes only when it may be)."""
+    if len(text) * 4 <= limit:  # a character is at most 4 bytes
+        return None
+    size = len(text) if len(text) > limit else len(text.encode())
+    return size if size > limit else None
+
+
+def check_sizes(request: pb.GenerateRequest, limits: RequestLimits) -> None:
+    """Every size limit of the request, before anything proportional to its size (InvalidRequest)."""
+    if (size := utf8_size_over(request.request_id, limits.max_request_id_bytes)) is not None:
+        raise InvalidRequest("request_id", f"{size}+ bytes, at most {limits.max_request_id_bytes} allowed")
+    if request.HasField("prompt"):
+        if (size := utf8_size_over(request.prompt, limits.max_prompt_bytes)) is not None:
+            raise InvalidRequest(
+                "prompt", f"{size}+ bytes of text, at most {limits.max_prompt_bytes} allowed"
+            )
+    check_stop_sizes(request.sampling.stop, len(request.sampling.stop_token_ids), limits)
+
+
 def to_engine(request: pb.GenerateRequest, engine: Engine, tokenizer: Tokenizer | None) -> EngineRequest:
     """Validated prompt ids and sampling parameters, or InvalidRequest naming the field."""
+    check_sizes(request, engine.settings.limits)
     has_text = request.HasField("prompt")
     has_ids = len(request.prompt_token_ids) > 0
     if has_text == has_ids:
@@ -64,9 +94,10 @@ def to_engine(request: pb.GenerateRequest, engine: Engine, tokenizer: Tokenizer 
     return EngineRequest(prompt_ids, sampling)
 
 
-def to_response(out: RequestOutput) -> pb.GenerateResponse:
+def to_response(out: RequestOutput, first: bool = True) -> pb.GenerateResponse:
+    """The API message of one output; the request id goes in the first message of a stream only."""
     response = pb.GenerateResponse(
-        request_id=out.request_id,
+        request_id=out.request_id if first else "",
         token_ids=out.token_ids,
         text=out.text,
         finish_reason=FINISH_REASONS[out.finish_reason],

@@ -1,18 +1,22 @@
 """`moeserve.v1.Inference` on grpc.aio: validates, submits to the engine loop, streams its outputs.
 
-Failures map to status codes with a message: INVALID_ARGUMENT (bad field, named), RESOURCE_EXHAUSTED
-(queue full), UNAVAILABLE (loading, load failed, stopping, a rank of the instance lost),
-DEADLINE_EXCEEDED, INTERNAL (engine failed). A stream that ends early for any reason (client cancel,
-disconnect, deadline) aborts its engine request, which frees its KV blocks before the next step.
+Failures map to status codes with a message: INVALID_ARGUMENT (bad field, named; a request that is
+not a valid message, see `InvalidMessageInterceptor`), RESOURCE_EXHAUSTED (queue full), UNAVAILABLE
+(loading, load failed, stopping, a rank of the instance lost), DEADLINE_EXCEEDED, INTERNAL (the
+engine failed, or this request alone failed). A stream that ends early for any reason (client
+cancel, disconnect, deadline) aborts its engine request, which frees its KV blocks before the next
+step. Only the size checks run on the event loop; tokenizing, validating and submitting a request
+run on a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -21,8 +25,18 @@ from moeserve.v1 import inference_pb2_grpc as pb_grpc
 from moeserve.workers.engine.core import Engine
 from moeserve.workers.engine.loop import EngineFailed, EngineStopped, QueueFull
 from moeserve.workers.engine.request import AbortCause, InvalidRequest, RequestOutput, SamplingParams, Sink
-from moeserve.workers.server.convert import to_engine, to_response
+from moeserve.workers.server.convert import check_sizes, to_engine, to_response
 from moeserve.workers.tokenizer import Tokenizer
+
+# How a stream ends for each abort cause ("cancelled" and "stopping" end with FINISH_REASON_ABORT).
+ABORT_STATUS: dict[AbortCause, tuple[grpc.StatusCode, str]] = {
+    "deadline": (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"),
+    "unavailable": (grpc.StatusCode.UNAVAILABLE, "model instance unavailable"),
+    "failed": (grpc.StatusCode.INTERNAL, "engine failed"),
+    "error": (grpc.StatusCode.INTERNAL, "request failed"),
+    "invalid": (grpc.StatusCode.INVALID_ARGUMENT, "invalid request"),
+    "queue_full": (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"),
+}
 
 
 class RequestLoop(Protocol):
@@ -107,9 +121,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
+        engine = backend.loop.engine
+
+        def prepare_and_submit() -> int:  # worker thread: tokenizing and validating take time
+            job = to_engine(request, engine, backend.tokenizer)
+            return backend.loop.submit(job.prompt_ids, job.sampling, sink, request.request_id, deadline)
+
         try:
-            job = to_engine(request, backend.loop.engine, backend.tokenizer)
-            key = backend.loop.submit(job.prompt_ids, job.sampling, sink, request.request_id, deadline)
+            check_sizes(request, engine.settings.limits)  # cheap, before anything proportional to size
+            submitted = loop.run_in_executor(None, prepare_and_submit)
+            try:
+                key = await asyncio.shield(submitted)
+            except asyncio.CancelledError:  # the client left: abort the request once it is submitted
+                submitted.add_done_callback(
+                    lambda f: backend.loop.abort(f.result()) if f.exception() is None else None
+                )
+                raise
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except QueueFull as e:
@@ -120,22 +147,86 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
         self.state.in_flight += 1
         self.state.idle.clear()
-        finished = False
+        finished, first = False, True
         try:
             while not finished:
                 out = await outputs.get()
                 finished = out.finished
-                if out.abort_cause == "deadline":
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-                if out.abort_cause == "unavailable":
-                    message = f"model instance unavailable: {out.error}"
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, message)
-                if out.abort_cause == "failed":
-                    await context.abort(grpc.StatusCode.INTERNAL, f"engine failed: {out.error}")
-                yield to_response(out)
+                if out.abort_cause in ABORT_STATUS:
+                    code, what = ABORT_STATUS[out.abort_cause]
+                    await context.abort(code, f"{what}: {out.error}" if out.error else what)
+                yield to_response(out, first)
+                first = False
         finally:
             if not finished:
                 backend.loop.abort(key)
             self.state.in_flight -= 1
             if self.state.in_flight == 0:
                 self.state.idle.set()
+
+
+class InvalidMessage:
+    """What a request's bytes deserialize to when they are not a valid message (or hold invalid
+    UTF-8 in a string field); the handler answers INVALID_ARGUMENT instead of running."""
+
+    def __init__(self, details: str):
+        self.details = details
+
+
+class InvalidMessageInterceptor(grpc.aio.ServerInterceptor):
+    """Every unary-request method of the server: bytes that do not parse give INVALID_ARGUMENT
+    (grpc's own handling would answer UNKNOWN with the parser's exception)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler: Any = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        name = handler_call_details.method  # type: ignore[attr-defined]
+
+        def tolerant(data: bytes) -> object:
+            try:
+                return parse(data)
+            except Exception as e:  # noqa: BLE001 - any parse failure is the client's bad message
+                return InvalidMessage(f"request: not a valid message for {name} ({type(e).__name__})")
+
+        if handler.response_streaming:
+            return handler._replace(
+                request_deserializer=tolerant, unary_stream=_checked_stream(handler.unary_stream)
+            )
+        return handler._replace(
+            request_deserializer=tolerant, unary_unary=_checked_unary(handler.unary_unary)
+        )
+
+
+def _checked_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def unary(request: object, context: grpc.aio.ServicerContext) -> object:
+        if isinstance(request, InvalidMessage):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+        result = behavior(request, context)
+        return await result if inspect.isawaitable(result) else result
+
+    return unary
+
+
+def _checked_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+            if isinstance(request, InvalidMessage):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+            async for item in behavior(request, context):
+                yield item
+
+        return stream
+
+    async def writer(request: object, context: grpc.aio.ServicerContext) -> None:  # context.write API
+        if isinstance(request, InvalidMessage):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+        await behavior(request, context)
+
+    return writer

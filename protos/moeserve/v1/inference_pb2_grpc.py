@@ -53,9 +53,12 @@ class InferenceServicer:
 
     def Generate(self, request, context):
         """Generates a completion for one prompt and streams it: one message per engine step that produced
-        tokens; the last message carries finish_reason and usage. Errors: INVALID_ARGUMENT (a bad field,
-        named in the message), RESOURCE_EXHAUSTED (the waiting queue is full), UNAVAILABLE (the model is
-        loading or the server is stopping), DEADLINE_EXCEEDED, INTERNAL (the engine failed).
+        tokens; the last message carries finish_reason and usage. Errors: INVALID_ARGUMENT (a bad field
+        or a field over its size limit, named in the message; bytes that are not a valid
+        GenerateRequest, or invalid UTF-8 in a string field), RESOURCE_EXHAUSTED (the waiting queue is
+        full), UNAVAILABLE (the model is loading, the server is stopping, or the model instance lost a
+        rank), DEADLINE_EXCEEDED, INTERNAL (the engine failed, or this request alone failed while
+        sampling or streaming text; the server keeps serving others).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
