@@ -36,7 +36,7 @@ def tile_config(num_tokens: int) -> TileConfig:
     """Small batches are bound by reading the weights: thin tiles, many programs over N. Large
     batches are bound by the matmuls: taller tiles reuse each weight tile over more rows."""
     if num_tokens <= 32:
-        return TileConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+        return TileConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
     if num_tokens <= 128:
         return TileConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
     return TileConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
@@ -84,8 +84,8 @@ def fused_moe(
     )
     routing = (aligned.sorted_pairs, aligned.tile_experts, aligned.num_padded, pairs, num_experts)
     kernels.gate_up_kernel[(aligned.num_tiles, -(-inter // cfg.block_n))](
-        x, w13, h, *routing, dim, inter, x.stride(0), w13.stride(0), w13.stride(1),
-        TOP_K=k, **tiles, **meta,
+        x, w13, h, *routing, dim, inter, x.stride(0), w13.stride(0), w13.stride(1), k,
+        **tiles, **meta,
     )  # fmt: skip
     kernels.down_kernel[(aligned.num_tiles, -(-dim // cfg.block_n))](
         h, w2, out, weights.reshape(-1).float().contiguous(), *routing, dim, inter,

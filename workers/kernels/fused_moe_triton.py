@@ -19,7 +19,7 @@ def gate_up_kernel(
     stride_xt,
     stride_we,
     stride_wn,
-    TOP_K: tl.constexpr,
+    top_k,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -36,7 +36,7 @@ def gate_up_kernel(
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_pairs_ptr + rows)
     row_ok = pair < num_pairs
-    token = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)
+    token = tl.where(row_ok, pair // top_k, 0).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
     w_base = w13_ptr + expert.to(tl.int64) * stride_we

@@ -71,15 +71,15 @@ def paged_mla_decode(
     q = q.contiguous()
     kernels.split_kernel[(b, -(-heads // block_h), splits)](
         q, cache, block_tables, context_lens, o_part, lse_part, heads, float(scale),
-        q.stride(0), q.stride(1), block_tables.stride(0),
-        BLOCK_SIZE=block_size, LATENT=kv_lora_rank, ROPE=rope, SPLITS=splits, BLOCK_H=block_h,
+        q.stride(0), q.stride(1), block_tables.stride(0), block_size, kv_lora_rank, rope, splits,
+        BLOCK_H=block_h,
         BLOCK_C=next_power_of_2(kv_lora_rank), BLOCK_R=max(16, next_power_of_2(rope)), BLOCK_N=BLOCK_N,
         DOT_DTYPE=dot_dtype(q.dtype, kernels.split_kernel), PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=2,
     )  # fmt: skip
     kernels.combine_kernel[(b, heads)](
-        o_part, lse_part, out, out.stride(0), out.stride(1), heads,
-        LATENT=kv_lora_rank, SPLITS=splits, BLOCK_S=next_power_of_2(splits),
+        o_part, lse_part, out, out.stride(0), out.stride(1), heads, kv_lora_rank, splits,
+        BLOCK_S=next_power_of_2(splits),
         BLOCK_C=next_power_of_2(kv_lora_rank), num_warps=4,
     )  # fmt: skip
     return out
