@@ -89,3 +89,15 @@ def test_import_operator_is_still_the_standard_library() -> None:
         ).stdout
         assert "site-packages" not in out.split()[0] and out.split()[0].endswith("operator.py")
         assert str(repo / "operator") not in out.split()[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tls-cert", "server.crt"], "--tls-cert and --tls-key go together"),
+        (["--max-stop-strings", "-1"], "--max-stop-strings: max_stop_strings must be >= 0"),
+    ],
+)
+def test_bad_serve_limits_and_tls_flags_exit_2(reference_checkpoints, args: list[str], message: str) -> None:
+    res = run_cli("serve", "--model", str(reference_checkpoints["v2_lite"]), "--port", "0", *args)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
