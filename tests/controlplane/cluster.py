@@ -245,6 +245,8 @@ class ControlPlane:
         self.pki: Pki | None = None
         self.real_node = RealNode(self.state_dir, self.supervisor, node_images) if real_node else None
         self.node_lock_timeout_s = node_lock_timeout_s
+        self.node_leftovers: list[str] = []
+        """What stopping the real node could not restore on the host (empty: all of it)."""
 
     # -- public surface ------------------------------------------------------------------------
 
@@ -302,11 +304,10 @@ class ControlPlane:
     def stop(self) -> list[str]:
         """Stop all components (newest first; a real node first, restoring the host); return those
         that ignored SIGTERM and whatever the real node's cleanup left behind."""
-        left: list[str] = []
         if self.real_node:
-            left += stop_node(self.state_dir, self.supervisor)
+            self.node_leftovers = stop_node(self.state_dir, self.supervisor)
             self.real_node.lock.release()
-        return left + self.supervisor.stop_all()
+        return self.node_leftovers + self.supervisor.stop_all()
 
     def admin(self) -> ApiClient:
         assert self.pki

@@ -244,8 +244,11 @@ class HostSnapshot:
                     except OSError as err:
                         problems.append(f"remove {path}: {err}")
 
-    def differences(self) -> list[str]:
-        """What differs from the snapshot now (for tests that the host was left as it was)."""
+    def differences(self, owned_roots: list[Path]) -> list[str]:
+        """What differs from the snapshot now (for tests that the host was left as it was).
+
+        Mounts count only under `owned_roots` and the watched directories: other programs on the
+        machine (an image build, other tests) mount things of their own meanwhile."""
         now = HostSnapshot.take()
         diffs = []
         for key, value in self.sysctls.items():
@@ -258,7 +261,8 @@ class HostSnapshot:
         ):
             if sorted(old) != sorted(new):
                 diffs.append(f"{name}: {sorted(old)} -> {sorted(new)}")
-        extra_mounts = [m for m in now.mounts if m not in self.mounts]
+        roots = tuple(str(r).rstrip("/") + "/" for r in [*owned_roots, *map(Path, WATCHED_DIRS)])
+        extra_mounts = [m for m in now.mounts if m not in self.mounts and (m + "/").startswith(roots)]
         if extra_mounts:
             diffs.append(f"new mounts: {extra_mounts}")
         for directory, entries in self.dirs.items():

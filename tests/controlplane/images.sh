@@ -104,6 +104,11 @@ export_archive() {
     buildah push --quiet --disable-compression "$ref" "oci-archive:$archive.partial:$ref" >/dev/null
     mv "$archive.partial" "$archive"
     find "$CACHE" -maxdepth 1 -name "${name%-*}-*.tar" ! -name "$name" -delete
+    # Older builds of the same image (the layers they share with this one stay, as the build cache).
+    local old
+    for old in $(buildah images --format '{{.Name}}:{{.Tag}}' | grep "^${ref%:*}:" | grep -vx "$ref" || true); do
+        buildah rmi "$old" >/dev/null 2>&1 || true
+    done
 }
 
 build_pause() {

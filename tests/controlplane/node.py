@@ -46,6 +46,7 @@ POD_CIDR = "10.244.0.0/24"
 DNS_IP = "10.96.0.10"
 CLUSTER_DOMAIN = "cluster.local"
 CONTAINERD_STATE = Path("/run/moeserve-containerd")
+"""containerd's state (sockets, runc state, network namespaces, task bundles); removed on stop."""
 CONTAINERD_SOCKET = CONTAINERD_STATE / "containerd.sock"
 HOST_LOCK = Path("/run/moeserve-real-node.lock")
 CNI_BIN_DIR = Path("/usr/lib/cni")
@@ -108,15 +109,26 @@ class Image:
     archive: Path
 
 
+IMAGE_OVERRIDE = "MOESERVE_E2E_IMAGE"
+"""Environment variable: a moeserve image ref that images.sh built earlier, used instead of this
+checkout's (to iterate on tests while the code changes; CI never sets it)."""
+
+
 def image_refs() -> dict[str, Image]:
     """The images this checkout's images.sh builds (refs are content hashes), by name."""
     out = subprocess.run(
         ["bash", str(HERE / "images.sh"), "--print-refs"], capture_output=True, text=True, check=True
     )
-    return {
+    images = {
         name: Image(name, entry["ref"], Path(entry["archive"]))
         for name, entry in json.loads(out.stdout).items()
     }
+    override = os.environ.get(IMAGE_OVERRIDE)
+    if override:
+        tag = override.rsplit(":", 1)[1]
+        archive = images["moeserve"].archive.with_name(f"moeserve-{tag}.tar")
+        images["moeserve"] = Image("moeserve", override, archive)
+    return images
 
 
 def check_host_tools() -> None:
@@ -359,6 +371,14 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             image.archive.unlink()
             print(f"real node: imported {image.ref} in {time.monotonic() - started:.0f}s", flush=True)
         present = set(self._ctr("images", "list", "--quiet").stdout.split())
+        # Older builds of the same images (an earlier checkout's hash): their layers would pile up.
+        wanted = {self.images[n].ref for n in ("pause", *self.wanted_images)}
+        repos = {ref.rsplit(":", 1)[0] for ref in wanted}
+        stale = [ref for ref in present if ref.rsplit(":", 1)[0] in repos and ref not in wanted]
+        if stale:
+            self._ctr("images", "remove", *stale, check=False)
+            for ref in stale:
+                (marks / ref.replace("/", "_")).unlink(missing_ok=True)
         absent = [
             self.images[n].ref for n in ("pause", *self.wanted_images) if self.images[n].ref not in present
         ]

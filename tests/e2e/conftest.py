@@ -26,6 +26,7 @@ from kubernetes import client, config
 from tests.controlplane import ControlPlane, MissingBinariesError, StartError, locate_binaries
 from tests.controlplane.cluster import remove_state
 from tests.controlplane.host import HostSnapshot
+from tests.controlplane.node import CONTAINERD_STATE
 from tests.controlplane.waiting import wait_until
 from tests.e2e.support import Kubectl
 
@@ -63,14 +64,15 @@ def e2e_cluster(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
     try:
         yield plane
     finally:
-        left = plane.stop()
+        plane.stop()
         if request.session.testsfailed:
             _report(request, f"e2e_cluster: tests failed; logs kept in {plane.log_dir}")
         else:
             remove_state(state_dir)
         # The host must be as it was: sysctls, mounts, links, nft tables, cgroups, directories.
-        diffs = before.differences()
-        if diffs or [p for p in left if not p.startswith("killed a leftover")]:
+        diffs = before.differences([state_dir, CONTAINERD_STATE])
+        left = [p for p in plane.node_leftovers if not p.startswith("killed a leftover")]
+        if diffs or left:
             pytest.fail("the real node left the host changed:\n  " + "\n  ".join(left + diffs), pytrace=False)
 
 

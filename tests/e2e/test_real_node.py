@@ -19,7 +19,8 @@ from tests.controlplane.node import DNS_IP, NODE_IP, NODE_NAME, POD_CIDR
 from tests.controlplane.waiting import wait_until
 from tests.e2e.support import Kubectl
 
-pytestmark = [pytest.mark.e2e]
+# Generous: the first test also waits for the session's cluster (an image import the first time).
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 POD_READY_TIMEOUT_S = 180.0
 """From create to Ready on a busy 2-core machine (the images are local: no pulls)."""
