@@ -174,7 +174,7 @@ def main() -> int:
         junit = out / "gpu_tier.xml"
         tier = run_phase(
             "gpu_tier",
-            [sys.executable, "-m", "pytest", "tests/gpu", "tests/kernels", "-m", "gpu", "-q", "--noconftest",
+            [sys.executable, "-m", "pytest", "tests/gpu", "-m", "gpu", "-q", "--noconftest",
              "-p", "gpu_tier_plugin", "-p", "no:cacheprovider", f"--junitxml={junit}"],
             env, min(TIER_S, left() - 120), out,
         )  # fmt: skip
