@@ -202,7 +202,12 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
     else:
         loader = local_loader(args.model, dtypes[args.dtype], settings)  # type: ignore[arg-type]
     asyncio.run(serve(listen, loader, args.grace, announce))
-    return 0
+    # Everything is closed. Skip the interpreter's teardown: winding down grpc's, torch's and the
+    # tokenizer's thread pools can take seconds, and SIGTERM must end within --grace + 2 s.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ray_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
