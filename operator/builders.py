@@ -208,6 +208,33 @@ def _ray_auth_env(owner: Owner) -> list[Manifest]:
     ]
 
 
+def event(body: Mapping[str, Any], event_type: str, reason: str, message: str, now: str) -> Manifest:
+    """A core/v1 Event about the MoEService `body` (what `kubectl describe moe` lists)."""
+    meta = body["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": f"{contract.API_GROUP}/{contract.API_VERSION}",
+            "kind": contract.KIND,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+        },
+        "type": event_type,
+        "reason": reason,
+        "message": message[:EVENT_MESSAGE_LIMIT],
+        "source": {"component": contract.MANAGED_BY},
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+
+
+EVENT_MESSAGE_LIMIT = 1024
+
+
 # -- Services -------------------------------------------------------------------------------------
 
 

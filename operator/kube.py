@@ -25,6 +25,7 @@ PREFIXES = {
     "services": "/api/v1",
     "configmaps": "/api/v1",
     "secrets": "/api/v1",
+    "events": "/api/v1",
     contract.PLURAL: f"/apis/{contract.API_GROUP}/{contract.API_VERSION}",
 }
 MERGE_PATCH = "application/merge-patch+json"
@@ -59,9 +60,10 @@ class Kube:
         self._api = api
         self._timeout_s = timeout_s
 
-    def find(self, kind: str, namespace: str, selector: str) -> list[Manifest]:
-        """Objects of `kind` in `namespace` matching the label selector."""
-        answer = self._request("GET", _path(kind, namespace), query=[("labelSelector", selector)])
+    def find(self, kind: str, namespace: str | None, selector: str) -> list[Manifest]:
+        """Objects of `kind` in `namespace` (None: every namespace) matching the label selector."""
+        path = _path(kind, namespace) if namespace is not None else f"{PREFIXES[kind]}/{kind}"
+        answer = self._request("GET", path, query=[("labelSelector", selector)] if selector else [])
         items: list[Manifest] = answer.get("items") or []
         return items
 

@@ -46,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     kube = Kube(load_api_client())
-    reconciler = Reconciler(kube, ServeClient(settings.dashboard_timeout_s), settings, handlers.post_event)
+    serve = ServeClient(settings.dashboard_timeout_s)
+    reconciler = Reconciler(kube, serve, settings, handlers.event_sink(kube))
     registry = kopf.OperatorRegistry()
     handlers.register(registry, reconciler, settings)
     kopf.run(

@@ -637,6 +637,37 @@ def test_deleting_the_moeservice_removes_every_child(
     wait_until("children garbage-collected", all_gone, timeout_s=60)
 
 
+def test_a_moeservice_deletes_while_the_operator_is_down(
+    k8s_cluster: ControlPlane, core: Any, cluster: Cluster, kubectl: Kubectl, tmp_path: Path
+) -> None:
+    """No finalizer: deleting a MoEService never waits for the operator; garbage collection removes
+    its children."""
+    release = install_chart(k8s_cluster, core)
+    ns, name = release.namespace, "orphaned"
+    operator = Operator(tmp_path / "operator", release.kubeconfig, ns).start()
+    try:
+        apply(kubectl, tmp_path, ns, moeservice(name))
+        wait_running(cluster, ns, name, 5)
+        wait_until("a status", lambda: cluster.moe(ns, name).get("status", {}).get("replicas") == 1, 30)
+        assert not cluster.moe(ns, name)["metadata"].get("finalizers")
+    finally:
+        operator.kill()
+    try:
+        kubectl("delete", "moe", name, "-n", ns)  # returns at once: nothing waits for the operator
+        selector = f"{contract.LABEL_SERVICE}={name}"
+        wait_until(
+            "children garbage-collected",
+            lambda: (
+                not any(
+                    cluster.objects(k, ns, selector) for k in ("pods", "services", "configmaps", "secrets")
+                )
+            ),
+            timeout_s=60,
+        )
+    finally:
+        uninstall_chart(k8s_cluster, core, release)
+
+
 def test_an_operator_killed_mid_reconcile_converges_without_duplicates(
     k8s_cluster: ControlPlane,
     core: Any,

@@ -75,7 +75,7 @@ def test_deploy_document_is_accepted_by_ray_serve_and_carries_the_app_config() -
         "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
     ]
     (app,) = parsed.applications
-    assert app.route_prefix is None and app.import_path == "moeserve.workers.serve_app:build_app"
+    assert app.route_prefix is None and app.import_path == "moeserve.workers.ray_app.app:build_app"
     assert ServeAppConfig.from_dict(app.args) == serve_app_config(spec)
 
 
@@ -644,3 +644,18 @@ def test_importing_the_operator_imports_neither_torch_nor_ray() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"moeserve.operator imported {done.stdout.strip()} {done.stderr[-2000:]}"
+
+
+def test_events_name_the_moeservice_and_are_cut_to_the_api_limit() -> None:
+    body = moeservice("demo", namespace="models")
+    body["metadata"]["uid"] = "0000-uid"
+    event = builders.event(body, "Warning", "ModelUnavailable", "x" * 5000, "2027-01-15T08:00:00Z")
+    assert event["involvedObject"] == {
+        "apiVersion": "moeserve.io/v1alpha1",
+        "kind": "MoEService",
+        "name": "demo",
+        "namespace": "models",
+        "uid": "0000-uid",
+    }
+    assert (event["type"], event["reason"], len(event["message"])) == ("Warning", "ModelUnavailable", 1024)
+    assert event["metadata"] == {"generateName": "demo.", "namespace": "models"}
