@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from moeserve.workers.batch import ForwardBatch, SequenceStep
-from moeserve.workers.config import ModelConfig
-from moeserve.workers.generate import make_cache
-from moeserve.workers.loader import load_model
-from moeserve.workers.model import Transformer
-from moeserve.workers.model_tools import PRESETS, write_random_checkpoint
+from moeserve.workers.model.batch import ForwardBatch, SequenceStep
+from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.loader import load_model
+from moeserve.workers.model.random_checkpoint import PRESETS, write_random_checkpoint
+from moeserve.workers.model.transformer import Transformer
+from moeserve.workers.offline.generate import make_cache
 
 CACHE_DIR = Path.home() / ".cache" / "moeserve" / "bench-model"
 

@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 
-from moeserve.workers.config import ModelConfig
-from moeserve.workers.ep_launch import launch_local
-from moeserve.workers.ep_rank import EPSettings, RankResult, Run
-from moeserve.workers.generate import GenerationSettings, generate
-from moeserve.workers.loader import load_model
-from moeserve.workers.moe import LocalRoutedExecutor, MoE
+from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.loader import load_model
+from moeserve.workers.model.moe import LocalRoutedExecutor, MoE
+from moeserve.workers.offline.generate import GenerationSettings, generate
+from moeserve.workers.offline.local_world import launch_local
+from moeserve.workers.offline.rank import RankResult, Run
+from moeserve.workers.parallel.settings import EPSettings
 
 CACHE_DIR = Path.home() / ".cache" / "moeserve" / "bench-model-ep"  # written by init-random
 MB = 1e6
@@ -38,7 +39,7 @@ MB = 1e6
 
 def bench_checkpoint(path: Path) -> Path:
     if not (path / "config.json").exists():
-        cmd = [sys.executable, "-m", "moeserve.workers.cli", "model", "init-random", "--preset", "bench"]
+        cmd = [sys.executable, "-m", "moeserve.workers.cli.main", "model", "init-random", "--preset", "bench"]
         subprocess.run([*cmd, "--out", str(path), "--dtype", "bfloat16"], check=True)
     return path
 
@@ -158,7 +159,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args()
     # the same forkserver (torch already imported) starts the single process and the ranks
-    preload = ["torch", "torch.distributed", "moeserve.workers.ep_rank"]
+    preload = ["torch", "torch.distributed", "moeserve.workers.offline.rank"]
     mp.get_context("forkserver").set_forkserver_preload(preload)
     path = bench_checkpoint(args.model)
     config = ModelConfig.from_file(path)

@@ -67,7 +67,16 @@ def workload(address: str, args: argparse.Namespace) -> dict[str, float]:
 
 def run_server(name: str, extra: list[str], model: Path, args: argparse.Namespace) -> dict[str, float]:
     port = free_port()
-    cmd = [sys.executable, "-m", "moeserve.workers.cli", "serve", "--model", str(model), "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeserve.workers.cli.main",
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+    ]
     cmd += ["--no-metrics", "--threads", "1", "--max-model-len", "256", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"

@@ -107,7 +107,7 @@ def make_workload(args: argparse.Namespace, vocab: int) -> list[tuple[list[int],
 
 # ---------------------------------------------------------------- moeserve over gRPC
 def start_server(args: argparse.Namespace, model: Path, max_len: int) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "moeserve.workers.cli", "serve", "--model", str(model)]
+    cmd = [sys.executable, "-m", "moeserve.workers.cli.main", "serve", "--model", str(model)]
     cmd += ["--dtype", args.dtype, "--host", "127.0.0.1", "--port", "0", "--no-metrics"]
     cmd += ["--max-model-len", str(max_len), "--max-num-seqs", str(args.max_concurrency)]
     cmd += ["--max-num-batched-tokens", str(args.max_batched_tokens)]
@@ -250,7 +250,7 @@ def main() -> int:
         if model is None:
             import torch
 
-            from moeserve.workers.model_tools import PRESETS, write_random_checkpoint
+            from moeserve.workers.model.random_checkpoint import PRESETS, write_random_checkpoint
 
             dtype = getattr(torch, args.dtype)
             model = write_random_checkpoint(Path(tmp) / args.preset, PRESETS[args.preset], dtype)

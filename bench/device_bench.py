@@ -36,12 +36,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_decode import active_weight_bytes  # noqa: E402
 
-from moeserve.workers.batch import ForwardBatch, SequenceStep  # noqa: E402
-from moeserve.workers.generate import make_cache  # noqa: E402
-from moeserve.workers.kv_cache import PagedLatentCache  # noqa: E402
-from moeserve.workers.loader import load_model  # noqa: E402
-from moeserve.workers.model import Transformer  # noqa: E402
-from moeserve.workers.model_tools import PRESETS  # noqa: E402
+from moeserve.workers.model.batch import ForwardBatch, SequenceStep  # noqa: E402
+from moeserve.workers.model.kv_cache import PagedLatentCache  # noqa: E402
+from moeserve.workers.model.loader import load_model  # noqa: E402
+from moeserve.workers.model.random_checkpoint import PRESETS  # noqa: E402
+from moeserve.workers.model.transformer import Transformer  # noqa: E402
+from moeserve.workers.offline.generate import make_cache  # noqa: E402
 
 BLOCK_SIZE = 64
 StepFn = Callable[[ForwardBatch, PagedLatentCache], torch.Tensor]

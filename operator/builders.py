@@ -150,7 +150,10 @@ def serve_application(spec: MoEServiceSpec) -> Manifest:
     """One entry of the deploy document's `applications`; `args` is a validated ServeAppConfig."""
     return {
         "name": contract.SERVE_APP_NAME,
-        "route_prefix": None,
+        # Serve's proxies route only to applications with a route prefix: with None the gRPC proxy
+        # answers every call NOT_FOUND ("Application metadata not set"), so the client Service
+        # could never serve (found by the e2e tier, tests/e2e/test_moeserve.py).
+        "route_prefix": "/",
         "import_path": contract.SERVE_APP_IMPORT_PATH,
         "args": serve_app_config(spec).to_dict(),
     }

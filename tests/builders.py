@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from moeserve.workers.config import ModelConfig
+    from moeserve.workers.model.config import ModelConfig
 
 COMMON: dict[str, Any] = dict(
     vocab_size=256,
@@ -198,7 +198,7 @@ class ChecksumRunner:
     """
 
     def __init__(self, num_blocks: int, block_size: int = 4, vocab_size: int = 101, max_positions: int = 512):
-        from moeserve.workers.kv_cache import BlockAllocator
+        from moeserve.workers.model.kv_cache import BlockAllocator
 
         self._allocator = BlockAllocator(num_blocks)
         self._block_size = block_size
@@ -252,7 +252,7 @@ class ChecksumRunner:
 
 def tiny_config(**overrides: Any) -> ModelConfig:
     """A parsed config small enough for router and placement unit tests (no weights)."""
-    from moeserve.workers.config import ModelConfig
+    from moeserve.workers.model.config import ModelConfig
 
     base: dict[str, Any] = dict(
         model_type="deepseek_v2",

@@ -11,7 +11,7 @@ import grpc
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from moeserve.workers.batch import SequenceStep
+from moeserve.workers.model.batch import SequenceStep
 from moeserve.workers.server.app import BackgroundServer, Loader
 from moeserve.workers.server.metrics import ServingMetrics
 from moeserve.workers.server.servicer import Backend

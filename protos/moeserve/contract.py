@@ -81,7 +81,7 @@ RAY_RESOURCE_EXPERT: Final = "moeserve_expert"
 
 # The Serve application
 SERVE_APP_NAME: Final = "moeserve"
-SERVE_APP_IMPORT_PATH: Final = "moeserve.workers.serve_app:build_app"
+SERVE_APP_IMPORT_PATH: Final = "moeserve.workers.ray_app.app:build_app"
 SERVE_GRPC_SERVICER_FUNCTIONS: Final = (
     "moeserve.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",  # grpc.health.v1.Health/Check

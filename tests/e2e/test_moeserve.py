@@ -112,7 +112,7 @@ class Service:
 
 def _moeserve(*args: str, timeout_s: float = 600.0) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "moeserve.workers.cli", *args],
+        [sys.executable, "-m", "moeserve.workers.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeserve.workers.generate import GenerationSettings, generate
-from moeserve.workers.loader import load_model
+from moeserve.workers.model.loader import load_model
+from moeserve.workers.offline.generate import GenerationSettings, generate
 
 pytestmark = [
     pytest.mark.gpu,
@@ -20,8 +20,8 @@ def test_cuda_fp32_logits_match_transformers(name: str, reference_checkpoints, r
     with torch.no_grad():
         ref = reference_models[name](ids).logits[0].float()
     model = load_model(reference_checkpoints[name], torch.float32, device="cuda")
-    from moeserve.workers.batch import ForwardBatch, SequenceStep
-    from moeserve.workers.generate import make_cache
+    from moeserve.workers.model.batch import ForwardBatch, SequenceStep
+    from moeserve.workers.offline.generate import make_cache
 
     cache = make_cache(model, [48], 16)
     seq = cache.new_sequence()

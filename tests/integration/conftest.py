@@ -11,8 +11,8 @@ from builders import write_scripted_checkpoint, write_serving_checkpoint
 
 from moeserve.workers.client import InferenceClient
 from moeserve.workers.engine import EngineSettings
+from moeserve.workers.model.tokenizer import Tokenizer
 from moeserve.workers.server.app import BackgroundServer, local_loader
-from moeserve.workers.tokenizer import Tokenizer
 
 # What the scripted model says after its first token, then EOS: multi-byte characters split across tokens.
 SCRIPT = "Grüße日本語 🙂café naïve"

@@ -20,13 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moeserve.workers.config import ModelConfig
-from moeserve.workers.ep_generate import LockstepResult, generate_lockstep
-from moeserve.workers.ep_launch import LocalWorld, RankFailure, launch_local
-from moeserve.workers.ep_rank import EPSettings, RankResult, Run
-from moeserve.workers.generate import GenerationSettings, generate
-from moeserve.workers.loader import load_model
-from moeserve.workers.placement import PlacementError
+from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.loader import load_model
+from moeserve.workers.offline.generate import GenerationSettings, generate
+from moeserve.workers.offline.local_world import LocalWorld, RankFailure, launch_local
+from moeserve.workers.offline.lockstep import LockstepResult, generate_lockstep
+from moeserve.workers.offline.rank import RankResult, Run
+from moeserve.workers.parallel.placement import PlacementError
+from moeserve.workers.parallel.settings import EPSettings
 
 pytestmark = pytest.mark.integration
 
@@ -151,7 +152,10 @@ def test_invalid_maps_start_no_process(reference_checkpoints) -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "moeserve.workers.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "moeserve.workers.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -223,7 +227,7 @@ def test_cli_reports_the_rank_that_failed(reference_checkpoints, tmp_path: Path)
 def test_cli_rejects_invalid_combinations(
     args: list[str], message: str, reference_checkpoints, capsys
 ) -> None:
-    from moeserve.workers.cli import main
+    from moeserve.workers.cli.main import main
 
     with pytest.raises(SystemExit) as info:
         main(["generate", "--model", str(reference_checkpoints["v2_lite"]), "--prompt-ids", "1,2", *args])

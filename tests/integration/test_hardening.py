@@ -36,9 +36,9 @@ from serving_support import drain_in_background, scrape, wait_until
 
 from moeserve.workers.client import InferenceClient, build_request
 from moeserve.workers.engine import EngineSettings
-from moeserve.workers.ep_rank import EPSettings
+from moeserve.workers.parallel.settings import EPSettings
 from moeserve.workers.server.app import BackgroundServer, local_loader
-from moeserve.workers.server.ep_frontend import EPFrontend, ep_loader
+from moeserve.workers.server.local_ranks import EPFrontend, ep_loader
 
 pytestmark = pytest.mark.integration
 SETTINGS = EngineSettings(max_model_len=256, max_num_batched_tokens=128, kv_cache_tokens=8192)
@@ -268,7 +268,7 @@ def start_serve(checkpoint: Path, *flags: str) -> tuple[subprocess.Popen[str], i
         [
             sys.executable,
             "-m",
-            "moeserve.workers.cli",
+            "moeserve.workers.cli.main",
             "serve",
             "--model",
             str(checkpoint),

@@ -84,7 +84,7 @@ def metrics_port() -> int:
 def address(serving_checkpoint: Path, metrics_port: int) -> Iterator[str]:
     from ray.serve.config import gRPCOptions
 
-    from moeserve.workers.serve_app import build_app
+    from moeserve.workers.ray_app.app import build_app
 
     port = free_port()
     ray.init(
@@ -109,7 +109,7 @@ def address(serving_checkpoint: Path, metrics_port: int) -> Iterator[str]:
 
 def rank_actors(role: str) -> dict[str, Any]:
     """name -> handle of the live rank actors of a role."""
-    from moeserve.workers.serve_ranks import ACTOR_PREFIX
+    from moeserve.workers.ray_app.ranks import ACTOR_PREFIX
 
     found = {}
     for entry in ray.util.list_named_actors(all_namespaces=True):
@@ -125,7 +125,15 @@ def rank_actors(role: str) -> dict[str, Any]:
 def test_serve_cli_with_ray_serves_then_stops_cleanly_on_sigterm(serving_checkpoint: Path) -> None:
     """Runs first, before the module's cluster exists: it starts and stops a Ray of its own."""
     port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "moeserve.workers.cli", "serve", "--ray", "--model", str(serving_checkpoint)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeserve.workers.cli.main",
+        "serve",
+        "--ray",
+        "--model",
+        str(serving_checkpoint),
+    ]
     cmd += ["--expert-ranks", "2", "--port", str(port), "--max-model-len", "256"]
     cmd += ["--metrics-port", str(metrics_port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -178,7 +186,7 @@ def test_serve_cli_joins_a_token_authenticated_cluster_and_leaves_it_running(
     start += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"]
     subprocess.run(start, check=True, capture_output=True, timeout=120, env=env)
     try:
-        cmd = [sys.executable, "-m", "moeserve.workers.cli", "serve", "--ray", "--ray-address", address]
+        cmd = [sys.executable, "-m", "moeserve.workers.cli.main", "serve", "--ray", "--ray-address", address]
         cmd += ["--model", str(serving_checkpoint), "--port", str(port), "--max-model-len", "256"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         try:
@@ -278,7 +286,7 @@ def scrape(port: int, prefix: str = "ray_moeserve_") -> dict[str, float]:
 def test_engine_metrics_reach_rays_metrics_endpoint(
     address: str, metrics_port: int, serving_checkpoint: Path
 ) -> None:
-    from moeserve.workers.config import ModelConfig
+    from moeserve.workers.model.config import ModelConfig
 
     config = ModelConfig.from_file(serving_checkpoint)
     before = scrape(metrics_port)
@@ -431,7 +439,7 @@ def test_a_killed_attention_actor_rebuilds_its_instance(address: str, reference:
 def test_an_invalid_config_is_rejected_naming_the_field(
     serving_checkpoint: Path, changes: dict[str, Any], field: str
 ) -> None:
-    from moeserve.workers.serve_app import build_app
+    from moeserve.workers.ray_app.app import build_app
 
     with pytest.raises(ServeConfigError, match=f"^{field}:"):
         build_app(app_config(serving_checkpoint, **changes))

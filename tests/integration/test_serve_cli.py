@@ -15,22 +15,25 @@ from pathlib import Path
 import pytest
 
 from moeserve.workers.client import Completion, InferenceClient, build_request, gather
-from moeserve.workers.generate import GenerationSettings, generate
-from moeserve.workers.loader import load_model
+from moeserve.workers.model.loader import load_model
+from moeserve.workers.offline.generate import GenerationSettings, generate
 
 pytestmark = pytest.mark.integration
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "moeserve.workers.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "moeserve.workers.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 @pytest.fixture(scope="module")
 def served(serving_checkpoint: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moeserve.workers.cli", "serve", "--model", str(serving_checkpoint)]
+        [sys.executable, "-m", "moeserve.workers.cli.main", "serve", "--model", str(serving_checkpoint)]
         + ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--max-model-len", "256"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

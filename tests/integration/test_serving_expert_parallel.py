@@ -19,9 +19,9 @@ from serving_support import drain_in_background, scrape, wait_until
 
 from moeserve.v1 import inference_pb2 as pb
 from moeserve.workers.client import InferenceClient, build_request
-from moeserve.workers.ep_rank import EPSettings
+from moeserve.workers.parallel.settings import EPSettings
 from moeserve.workers.server.app import BackgroundServer, local_loader
-from moeserve.workers.server.ep_frontend import METRICS_PERIOD_S, EPFrontend, ep_loader
+from moeserve.workers.server.local_ranks import METRICS_PERIOD_S, EPFrontend, ep_loader
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 10.0  # collective timeout of the expert-parallel worlds here
@@ -80,7 +80,7 @@ def test_concurrent_greedy_outputs_match_the_single_process_server(
 
 def test_metrics_count_what_the_rank_engines_did(server: BackgroundServer, serving_checkpoint: Path) -> None:
     """The engines run in rank processes; their events and gauges reach the front end's /metrics."""
-    from moeserve.workers.config import ModelConfig
+    from moeserve.workers.model.config import ModelConfig
 
     config = ModelConfig.from_file(serving_checkpoint)
 

@@ -12,8 +12,8 @@ from conftest import SCRIPT
 
 from moeserve.workers.client import InferenceClient, build_request, gather
 from moeserve.workers.engine import EngineSettings
+from moeserve.workers.model.tokenizer import Tokenizer
 from moeserve.workers.server.app import BackgroundServer, local_loader
-from moeserve.workers.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.integration
 EXPECTED = SCRIPT[2:]  # the first token, "Gr", is the prompt

@@ -11,7 +11,7 @@ import torch
 from builders import tiny_config
 
 from moeserve.workers.kernels.mla_decode import paged_mla_decode, paged_mla_decode_torch
-from moeserve.workers.mla import MLA
+from moeserve.workers.model.mla import MLA
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.workers.kernels.fused_moe import TileConfig, fused_moe, fused_moe_torch
-from moeserve.workers.moe import RoutedExperts
+from moeserve.workers.model.moe import RoutedExperts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

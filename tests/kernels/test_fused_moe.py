@@ -10,7 +10,7 @@ from moe_checks import CASES, DTYPES, check_fused_moe_matches_naive
 
 from moeserve.workers.kernels.fused_moe import fused_moe
 from moeserve.workers.kernels.moe_align import align_by_expert, max_padded_rows
-from moeserve.workers.moe import RoutedExperts
+from moeserve.workers.model.moe import RoutedExperts
 
 pytestmark = pytest.mark.unit
 

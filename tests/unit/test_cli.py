@@ -9,15 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from moeserve.workers.generate import GenerationSettings, generate
-from moeserve.workers.loader import load_model
+from moeserve.workers.model.loader import load_model
+from moeserve.workers.offline.generate import GenerationSettings, generate
 
 pytestmark = pytest.mark.unit
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "moeserve.workers.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "moeserve.workers.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

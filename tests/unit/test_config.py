@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moeserve.workers.config import ConfigError, ModelConfig
+from moeserve.workers.model.config import ConfigError, ModelConfig
 
 pytestmark = pytest.mark.unit
 

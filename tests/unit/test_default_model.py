@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from moeserve.workers.cli import default_model_path
-from moeserve.workers.config import ModelConfig
-from moeserve.workers.generate import GenerationSettings, generate
-from moeserve.workers.loader import load_model
-from moeserve.workers.tokenizer import Tokenizer
+from moeserve.workers.cli.main import default_model_path
+from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.loader import load_model
+from moeserve.workers.model.tokenizer import Tokenizer
+from moeserve.workers.offline.generate import GenerationSettings, generate
 
 pytestmark = pytest.mark.unit
 PATH = default_model_path()
@@ -98,8 +98,8 @@ HELD_OUT = '''def moving_average(values, window):
 def test_model_predicts_unseen_python_far_better_than_chance() -> None:
     import math
 
-    from moeserve.workers.batch import ForwardBatch, SequenceStep
-    from moeserve.workers.generate import make_cache
+    from moeserve.workers.model.batch import ForwardBatch, SequenceStep
+    from moeserve.workers.offline.generate import make_cache
 
     tok = Tokenizer.from_model_dir(PATH)
     assert tok is not None
@@ -118,7 +118,7 @@ def test_cli_without_model_uses_it() -> None:
         [
             sys.executable,
             "-m",
-            "moeserve.workers.cli",
+            "moeserve.workers.cli.main",
             "generate",
             "--prompt",
             "def add(a, b):\n",

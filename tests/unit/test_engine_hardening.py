@@ -24,7 +24,7 @@ from moeserve.workers.engine import (
 )
 from moeserve.workers.engine.sampler import MIN_TEMPERATURE, sample
 from moeserve.workers.engine.settings import RequestLimits
-from moeserve.workers.tokenizer import Tokenizer
+from moeserve.workers.model.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.unit
 F32_TINY = 1.401298464324817e-45  # the smallest positive float32, what the API can carry

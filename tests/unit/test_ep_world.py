@@ -10,7 +10,7 @@ from typing import Any
 import psutil
 import pytest
 
-from moeserve.workers.ep_world import (
+from moeserve.workers.parallel.world import (
     CollectiveError,
     Watchdog,
     WorldLayout,
@@ -85,7 +85,7 @@ def _join(rank: int, port: int, secret: bytes, results: Any) -> None:
 def test_a_rank_without_the_instance_secret_is_refused_by_every_rank() -> None:
     """(Ranks that all hold it join: every expert-parallel serving test does.)"""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "moeserve.workers.ep_world"])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "moeserve.workers.parallel.world"])
     store = host_store("127.0.0.1", 30.0)
     secret = new_secret()
     results = ctx.Queue()

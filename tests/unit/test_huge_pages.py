@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from moeserve.workers.huge_pages import HUGE_PAGE, allocate_on_huge_pages, on_huge_pages
+from moeserve.workers.model.huge_pages import HUGE_PAGE, allocate_on_huge_pages, on_huge_pages
 
 pytestmark = pytest.mark.unit
 

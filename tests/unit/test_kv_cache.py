@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeserve.workers.kv_cache import BlockAllocator, OutOfBlocks, PagedLatentCache
+from moeserve.workers.model.kv_cache import BlockAllocator, OutOfBlocks, PagedLatentCache
 
 pytestmark = pytest.mark.unit
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from builders import tiny_config
 
-from moeserve.workers.norm import RMSNorm, rms_norm_reference
-from moeserve.workers.rope import RotaryEmbedding, rotate_reference
+from moeserve.workers.model.norm import RMSNorm, rms_norm_reference
+from moeserve.workers.model.rope import RotaryEmbedding, rotate_reference
 
 pytestmark = pytest.mark.unit
 

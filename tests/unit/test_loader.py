@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moeserve.workers.loader import (
+from moeserve.workers.model.loader import (
     CheckpointError,
     CheckpointReader,
     load_attention_side,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeserve.workers.batch import ForwardBatch, SequenceStep
-from moeserve.workers.ep_generate import generate_lockstep
-from moeserve.workers.generate import GenerationSettings, generate, make_cache
-from moeserve.workers.loader import load_model
-from moeserve.workers.micro_batch import forward_micro_batches, split_steps
-from moeserve.workers.moe import LocalRoutedExecutor, SplitPhaseRoutedExecutor
+from moeserve.workers.model.batch import ForwardBatch, SequenceStep
+from moeserve.workers.model.loader import load_model
+from moeserve.workers.model.moe import LocalRoutedExecutor, SplitPhaseRoutedExecutor
+from moeserve.workers.offline.generate import GenerationSettings, generate, make_cache
+from moeserve.workers.offline.lockstep import generate_lockstep
+from moeserve.workers.parallel.micro_batch import forward_micro_batches, split_steps
 
 pytestmark = pytest.mark.unit
 PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 37)), [3], list(range(40, 73))]

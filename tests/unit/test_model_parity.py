@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeserve.workers.batch import ForwardBatch, SequenceStep
-from moeserve.workers.generate import GenerationSettings, generate, make_cache
-from moeserve.workers.loader import load_model
-from moeserve.workers.model import Transformer
+from moeserve.workers.model.batch import ForwardBatch, SequenceStep
+from moeserve.workers.model.loader import load_model
+from moeserve.workers.model.transformer import Transformer
+from moeserve.workers.offline.generate import GenerationSettings, generate, make_cache
 
 pytestmark = pytest.mark.unit
 NAMES = ["v2_lite", "v2", "v3"]

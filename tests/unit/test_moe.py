@@ -6,7 +6,7 @@ import pytest
 import torch
 from builders import tiny_config
 
-from moeserve.workers.moe import LocalRoutedExecutor, RoutedExperts, Router, combine, sort_by_expert
+from moeserve.workers.model.moe import LocalRoutedExecutor, RoutedExperts, Router, combine, sort_by_expert
 
 pytestmark = pytest.mark.unit
 

@@ -52,7 +52,9 @@ def run_without(module: str, code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_serve_ray_without_ray_prints_one_line_and_exits_2() -> None:
-    result = run_without("ray", "from moeserve.workers.cli import main; sys.exit(main(['serve', '--ray']))")
+    result = run_without(
+        "ray", "from moeserve.workers.cli.main import main; sys.exit(main(['serve', '--ray']))"
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -75,7 +75,7 @@ def test_deploy_document_is_accepted_by_ray_serve_and_carries_the_app_config() -
         "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
     ]
     (app,) = parsed.applications
-    assert app.route_prefix is None and app.import_path == "moeserve.workers.ray_app.app:build_app"
+    assert app.route_prefix == "/" and app.import_path == "moeserve.workers.ray_app.app:build_app"
     assert ServeAppConfig.from_dict(app.args) == serve_app_config(spec)
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from builders import tiny_config
 
-from moeserve.workers.config import ModelConfig
-from moeserve.workers.moe import Router
-from moeserve.workers.placement import ExpertPlacement, PlacementError, parse_map
+from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.moe import Router
+from moeserve.workers.parallel.placement import ExpertPlacement, PlacementError, parse_map
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from moeserve.workers.serve_routing import READY_STAT, ready_first
+from moeserve.workers.ray_app.routing import READY_STAT, ready_first
 
 pytestmark = pytest.mark.unit
 

@@ -15,7 +15,7 @@ from moeserve.workers.engine.text import (
     StopMatcher,
     TextStream,
 )
-from moeserve.workers.tokenizer import Tokenizer
+from moeserve.workers.model.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.unit
 TEXT = "Grüße aus Köln 日本語 🙂🚀 café — “€”"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moeserve.workers.cli_args import non_negative_int, positive_float, positive_int
+from moeserve.workers.cli.args import non_negative_int, positive_float, positive_int
 
 
 def add_arguments(gen: argparse.ArgumentParser) -> None:
@@ -40,11 +40,12 @@ def generate(
     dtype: torch.dtype,
 ) -> list[list[int]]:
     """Generated ids per prompt from A attention ranks + E expert ranks (local processes)."""
-    from moeserve.workers.config import ConfigError, ModelConfig
-    from moeserve.workers.ep_launch import RankFailure, launch_local
-    from moeserve.workers.ep_rank import EPSettings, Run
-    from moeserve.workers.generate import GenerationSettings
-    from moeserve.workers.placement import PlacementError, parse_map
+    from moeserve.workers.model.config import ConfigError, ModelConfig
+    from moeserve.workers.offline.generate import GenerationSettings
+    from moeserve.workers.offline.local_world import RankFailure, launch_local
+    from moeserve.workers.offline.rank import Run
+    from moeserve.workers.parallel.placement import PlacementError, parse_map
+    from moeserve.workers.parallel.settings import EPSettings
 
     a, e = args.attention_ranks, args.expert_ranks
     if e == 0:

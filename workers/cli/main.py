@@ -14,18 +14,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moeserve.workers import ep_cli, serve_cli
-from moeserve.workers.cli_args import non_negative_float, positive_int, token_ids
+from moeserve.workers.cli import expert_parallel as ep_cli
+from moeserve.workers.cli import serve as serve_cli
+from moeserve.workers.cli.args import non_negative_float, positive_int, token_ids
+from moeserve.workers.model.loader import EMBEDDED_MODEL_PATH
 
 if TYPE_CHECKING:
-    from moeserve.workers.tokenizer import Tokenizer
+    from moeserve.workers.model.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_model_path() -> Path:
     """The small model that ships inside the package."""
-    return Path(__file__).parent / "assets" / "default-model"
+    return EMBEDDED_MODEL_PATH
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from moeserve.workers.config import ConfigError
-    from moeserve.workers.generate import GenerationSettings, generate
-    from moeserve.workers.loader import CheckpointError, load_model
-    from moeserve.workers.tokenizer import Tokenizer
+    from moeserve.workers.model.config import ConfigError
+    from moeserve.workers.model.loader import CheckpointError, load_model
+    from moeserve.workers.model.tokenizer import Tokenizer
+    from moeserve.workers.offline.generate import GenerationSettings, generate
 
     if args.endpoint:
         return serve_cli.run_remote_generate(parser, args)
@@ -120,7 +122,7 @@ def _print_outputs(
 
 
 def _init_random(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from moeserve.workers.model_tools import PRESETS, write_random_checkpoint
+    from moeserve.workers.model.random_checkpoint import PRESETS, write_random_checkpoint
 
     if args.preset not in PRESETS:
         parser.error(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")

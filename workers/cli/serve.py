@@ -188,8 +188,8 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
         extras.require_or_exit(extras.RAY, "--ray (Ray Serve)", "moeserve serve")
         return run_ray_serve(parser, args)
     if args.expert_ranks:
-        from moeserve.workers.ep_rank import EPSettings
-        from moeserve.workers.server.ep_frontend import ep_loader
+        from moeserve.workers.parallel.settings import EPSettings
+        from moeserve.workers.server.local_ranks import ep_loader
 
         ep = EPSettings(
             args.attention_ranks,
@@ -213,7 +213,7 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
 def run_ray_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`moeserve serve --ray`: the same flags, as the `ServeAppConfig` the operator would generate."""
     from moeserve.serve_config import ServeAppConfig, ServeConfigError
-    from moeserve.workers.serve_app import run_with_ray
+    from moeserve.workers.ray_app.app import run_with_ray
 
     raw = {
         "model": {"path": str(args.model), "dtype": args.dtype, "max_model_len": args.max_model_len},

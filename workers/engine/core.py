@@ -18,7 +18,6 @@ from collections.abc import Callable
 
 import torch
 
-from moeserve.workers.batch import SequenceStep
 from moeserve.workers.engine.request import (
     AbortCause,
     FinishReason,
@@ -34,8 +33,9 @@ from moeserve.workers.engine.sampler import logprobs_of, sample_row
 from moeserve.workers.engine.scheduler import Schedule, Scheduler
 from moeserve.workers.engine.settings import EngineSettings
 from moeserve.workers.engine.text import TextStream
-from moeserve.workers.kv_cache import SequenceBlocks
-from moeserve.workers.tokenizer import Tokenizer
+from moeserve.workers.model.batch import SequenceStep
+from moeserve.workers.model.kv_cache import SequenceBlocks
+from moeserve.workers.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 
 from moeserve.workers.engine.settings import RequestLimits
 from moeserve.workers.engine.text import TextStream
-from moeserve.workers.kv_cache import SequenceBlocks
+from moeserve.workers.model.kv_cache import SequenceBlocks
 
 FinishReason = Literal["stop", "length", "abort"]
 # failed: the engine failed (it serves nothing more); error: this request alone failed (INTERNAL);

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from moeserve.workers.engine.request import Request
 from moeserve.workers.engine.settings import EngineSettings
-from moeserve.workers.kv_cache import BlockAllocator, OutOfBlocks
+from moeserve.workers.model.kv_cache import BlockAllocator, OutOfBlocks
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from moeserve.workers.tokenizer import Tokenizer
+from moeserve.workers.model.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"
 

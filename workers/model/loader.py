@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moeserve.workers.config import ModelConfig
-from moeserve.workers.huge_pages import allocate_on_huge_pages
-from moeserve.workers.model import Transformer
-from moeserve.workers.moe import RoutedExperts, Router
-from moeserve.workers.rope import RotaryEmbedding
+from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.huge_pages import allocate_on_huge_pages
+from moeserve.workers.model.moe import RoutedExperts, Router
+from moeserve.workers.model.rope import RotaryEmbedding
+from moeserve.workers.model.transformer import Transformer
+
+EMBEDDED_MODEL_PATH = Path(__file__).parents[1] / "assets" / "default-model"
+"""The small model that ships inside the package: the default wherever no model path is given."""
 
 
 class CheckpointError(ValueError):

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.workers.batch import ForwardBatch
-from moeserve.workers.config import ModelConfig
-from moeserve.workers.huge_pages import on_huge_pages
-from moeserve.workers.kv_cache import PagedLatentCache
-from moeserve.workers.norm import RMSNorm
-from moeserve.workers.rope import RotaryEmbedding
+from moeserve.workers.model.batch import ForwardBatch
+from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.huge_pages import on_huge_pages
+from moeserve.workers.model.kv_cache import PagedLatentCache
+from moeserve.workers.model.norm import RMSNorm
+from moeserve.workers.model.rope import RotaryEmbedding
 
 AttnImpl = Literal["auto", "naive"]
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.workers.config import ModelConfig
+from moeserve.workers.model.config import ModelConfig
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

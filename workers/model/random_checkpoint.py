@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from moeserve.workers.config import ModelConfig
-from moeserve.workers.loader import checkpoint_state_dict
-from moeserve.workers.model import Transformer
+from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.loader import checkpoint_state_dict
+from moeserve.workers.model.transformer import Transformer
 
 _TINY = {
     "model_type": "deepseek_v2",

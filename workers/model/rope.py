@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from moeserve.workers.config import ModelConfig, RopeConfig, yarn_mscale
+from moeserve.workers.model.config import ModelConfig, RopeConfig, yarn_mscale
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeserve.workers.batch import ForwardBatch
-from moeserve.workers.config import ModelConfig
-from moeserve.workers.kv_cache import PagedLatentCache
-from moeserve.workers.mla import MLA, AttnImpl
-from moeserve.workers.moe import MLP, LocalRoutedExecutor, MoE, RoutedExecutor, RoutedExperts
-from moeserve.workers.norm import RMSNorm
-from moeserve.workers.rope import RotaryEmbedding
+from moeserve.workers.model.batch import ForwardBatch
+from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.kv_cache import PagedLatentCache
+from moeserve.workers.model.mla import MLA, AttnImpl
+from moeserve.workers.model.moe import MLP, LocalRoutedExecutor, MoE, RoutedExecutor, RoutedExperts
+from moeserve.workers.model.norm import RMSNorm
+from moeserve.workers.model.rope import RotaryEmbedding
 
 
 class Block(nn.Module):

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moeserve.workers.batch import ForwardBatch, SequenceStep
-from moeserve.workers.kv_cache import PagedLatentCache
-from moeserve.workers.model import Transformer
-from moeserve.workers.moe import RoutedExecutor
+from moeserve.workers.model.batch import ForwardBatch, SequenceStep
+from moeserve.workers.model.kv_cache import PagedLatentCache
+from moeserve.workers.model.moe import RoutedExecutor
+from moeserve.workers.model.transformer import Transformer
 
 
 @dataclass(frozen=True)

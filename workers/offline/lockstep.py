@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moeserve.workers.batch import ForwardBatch, SequenceStep
-from moeserve.workers.ep_world import EPWorld
-from moeserve.workers.generate import GenerationSettings, make_cache, sample
-from moeserve.workers.micro_batch import forward_micro_batches, split_steps
-from moeserve.workers.model import Transformer
-from moeserve.workers.moe import RoutedExecutor
+from moeserve.workers.model.batch import ForwardBatch, SequenceStep
+from moeserve.workers.model.moe import RoutedExecutor
+from moeserve.workers.model.transformer import Transformer
+from moeserve.workers.offline.generate import GenerationSettings, make_cache, sample
+from moeserve.workers.parallel.micro_batch import forward_micro_batches, split_steps
+from moeserve.workers.parallel.world import EPWorld
 
 
 @dataclass

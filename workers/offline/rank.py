@@ -5,7 +5,7 @@ for its prompts with an `AllToAllExecutor`; an expert rank loads its experts of 
 (`load_experts`, per the placement) and runs `ExpertServer.serve`. Both run the same list of
 `Run`s, so one world can serve several generations in turn. Progress and the outcome go to a
 `Reporter` ("ready", "done" with a `RankResult`, or "error" with a message); how processes are
-started and supervised is the launcher's business (`ep_launch`).
+started and supervised is the launcher's business (`offline.local_world`).
 """
 
 from __future__ import annotations
@@ -21,47 +21,19 @@ import torch
 import torch.distributed as dist
 from torch.utils.hooks import RemovableHandle
 
-from moeserve.workers.config import ModelConfig
-from moeserve.workers.ep_dispatch import AllToAllExecutor, DispatchStats, ExpertServer
-from moeserve.workers.ep_generate import generate_lockstep
-from moeserve.workers.ep_world import Backend, CollectiveError, Role, WorldLayout, init_world
-from moeserve.workers.generate import GenerationSettings
-from moeserve.workers.loader import load_attention_side, load_experts
-from moeserve.workers.model import Transformer
-from moeserve.workers.moe import MoE
-from moeserve.workers.placement import ExpertPlacement
+from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.loader import load_attention_side, load_experts
+from moeserve.workers.model.moe import MoE
+from moeserve.workers.model.transformer import Transformer
+from moeserve.workers.offline.generate import GenerationSettings
+from moeserve.workers.offline.lockstep import generate_lockstep
+from moeserve.workers.parallel.dispatch import AllToAllExecutor, DispatchStats, ExpertServer
+from moeserve.workers.parallel.launch import RankError
+from moeserve.workers.parallel.settings import EPSettings
+from moeserve.workers.parallel.world import Rendezvous, Role, init_world
 
 # (kind, rank, payload): kind is "ready", "done" (payload RankResult) or "error" (payload RankError)
 Reporter = Callable[[str, int, Any], None]
-
-
-@dataclass(frozen=True)
-class EPSettings:
-    """How one expert-parallel model instance runs; every rank gets the same copy."""
-
-    attention_ranks: int = 1
-    """A: data-parallel attention ranks, each with its own requests and latent KV cache (>= 1)."""
-    expert_ranks: int = 1
-    """E: ranks holding the routed experts (>= 1; 0 is the single-process path, not this one)."""
-    collective_timeout_s: float = 60.0
-    """Seconds any collective of a step may wait for its peers before the rank fails (gloo/NCCL)."""
-    startup_timeout_s: float = 600.0
-    """Seconds ranks wait for each other to start and load their weights."""
-    backend: Backend = "gloo"
-    """gloo (CPU tensors) or nccl (one GPU per rank)."""
-    dtype: torch.dtype = torch.float32
-    """Weights and activations; routing stays fp32."""
-    placement: tuple[tuple[int, ...], ...] | None = None
-    """Explicit expert map (global expert ids per expert rank); None: `ExpertPlacement.for_model`."""
-    block_size: int = 16
-    """Tokens per KV-cache block."""
-
-    @property
-    def layout(self) -> WorldLayout:
-        return WorldLayout(self.attention_ranks, self.expert_ranks)
-
-    def expert_placement(self, config: ModelConfig) -> ExpertPlacement:
-        return ExpertPlacement.for_model(config, self.expert_ranks, self.placement)
 
 
 @dataclass(frozen=True)
@@ -91,21 +63,12 @@ class RankResult:
     peak_rss_bytes: int = 0
 
 
-@dataclass(frozen=True)
-class RankError:
-    message: str
-    collective: bool  # True: a consequence of a peer's failure (or a timeout), not a root cause
-    at: float  # time.time() of the failure
-
-
 def run_rank(
     rank: int,
     model_path: Path,
     settings: EPSettings,
     runs: list[Run],
-    store_host: str,
-    store_port: int,
-    secret: bytes,
+    rendezvous: Rendezvous,
     report: Reporter,
 ) -> RankResult:
     """Join the world, load this rank's weights, run every run. Raises on failure."""
@@ -114,9 +77,9 @@ def run_rank(
     world = init_world(
         rank,
         layout,
-        store_host,
-        store_port,
-        secret,
+        rendezvous.host,
+        rendezvous.port,
+        rendezvous.secret,
         settings.backend,
         settings.collective_timeout_s,
         settings.startup_timeout_s,
@@ -194,12 +157,6 @@ def _reset_after_prefill(stats: DispatchStats) -> Callable[[int], None]:
             stats.reset()
 
     return on_step
-
-
-def describe_error(world_name: str, error: BaseException) -> RankError:
-    if isinstance(error, CollectiveError):
-        return RankError(str(error), True, time.time())
-    return RankError(f"{world_name}: {type(error).__name__}: {error}", False, time.time())
 
 
 def _param_bytes(params: Any) -> int:

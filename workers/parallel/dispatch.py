@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from moeserve.workers.ep_world import EPWorld
-from moeserve.workers.moe import RoutedExperts, combine, sort_by_expert
-from moeserve.workers.placement import ExpertPlacement
+from moeserve.workers.model.moe import RoutedExperts, combine, sort_by_expert
+from moeserve.workers.parallel.placement import ExpertPlacement
+from moeserve.workers.parallel.world import EPWorld
 
 
 @dataclass

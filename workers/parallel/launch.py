@@ -1,203 +1,118 @@
-"""Start an expert-parallel model instance as A + E local processes and supervise them.
+"""One launcher for every local expert-parallel world: A + E rank processes on this machine.
 
-The launcher validates the placement before anything starts (a `PlacementError` costs no process),
-hosts the rendezvous `TCPStore` on 127.0.0.1 only (port chosen by the OS, so there is no free-port
-race; every rank proves it holds a fresh secret that only the ranks get), forks one process per rank from a
-forkserver that has already imported torch, and collects what the ranks report. If a rank fails, the
-others fail too within the collective timeout (their collectives error out); whatever is still
-running `timeout + grace` seconds after the first failure is killed. `RankFailure` then names the
-rank that failed first (one that died, hung or raised on its own, rather than one that only lost a
-peer). Ray-placed instances use `ep_rank.run_rank` directly and do not go through this module.
+`RankProcesses` hosts the rendezvous `TCPStore` on 127.0.0.1 only (port chosen by the OS, so there is
+no free-port race), draws the per-instance secret every rank must prove it holds, and forks one
+process per rank from a forkserver that has already imported torch and the rank program. It also
+knows how processes end (`exit_reason`) and which failure came first (`root_cause`). What a rank
+runs, and the messages it sends back, belong to its caller: the offline world
+(`offline.local_world`) and the server's local ranks (`server.local_ranks`). Ray-placed instances
+start their ranks as actors (`ray_app.ranks`) and do not use this module.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
-import queue
 import signal
 import time
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moeserve.workers.config import ModelConfig
-from moeserve.workers.ep_rank import EPSettings, RankError, RankResult, Run, describe_error, run_rank
-from moeserve.workers.ep_world import WorldLayout, host_store, new_secret
+from moeserve.workers.parallel.world import CollectiveError, Rendezvous, WorldLayout, host_store, new_secret
 
-STORE_HOST = "127.0.0.1"
-GRACE_S = 5.0  # after the first failure, on top of the collective timeout, before killing the rest
+LOOPBACK = "127.0.0.1"
 
 
-class RankFailure(RuntimeError):
-    """One or more ranks failed; `first` is the root cause, `errors` every rank's message."""
+@dataclass(frozen=True)
+class RankError:
+    """One rank's failure as its supervisor records it."""
 
-    def __init__(self, layout: WorldLayout, first: int, errors: dict[int, RankError]):
-        self.layout = layout
-        self.first = first
-        self.errors = errors
-        others = "; ".join(f"{errors[r].message}" for r in sorted(errors) if r != first)
-        super().__init__(
-            f"{layout.describe(first)} failed: {errors[first].message}"
-            + (f"\nthen the other ranks stopped: {others}" if others else "")
-        )
+    message: str
+    collective: bool
+    """True: a consequence of a peer's failure (or a timeout), not a root cause."""
+    at: float
+    """time.time() of the failure."""
 
 
-def _child(
-    rank: int,
-    model_path: Path,
-    settings: EPSettings,
-    runs: list[Run],
-    store_port: int,
-    secret: bytes,
-    messages: Any,
-) -> None:
-    """Process entry: run the rank; report the outcome; exit non-zero on failure."""
-
-    def report(kind: str, r: int, payload: Any) -> None:
-        # plain pickle: torch's queue reductions would share tensors through this process's fds,
-        # which vanish when it exits
-        messages.put((kind, r, pickle.dumps(payload)))
-
-    try:
-        result = run_rank(rank, model_path, settings, runs, STORE_HOST, store_port, secret, report)
-    except BaseException as e:  # noqa: BLE001 - every failure is reported, then the process ends
-        report("error", rank, describe_error(settings.layout.describe(rank), e))
-        messages.close()
-        messages.join_thread()
-        os._exit(1)
-    report("done", rank, result)
+def describe_error(world_name: str, error: BaseException) -> RankError:
+    if isinstance(error, CollectiveError):
+        return RankError(str(error), True, time.time())
+    return RankError(f"{world_name}: {type(error).__name__}: {error}", False, time.time())
 
 
-class LocalWorld:
-    """A + E local rank processes for one model instance. `start`, then `join`."""
-
-    def __init__(self, model_path: str | Path, settings: EPSettings, runs: list[Run]):
-        self.model_path = Path(model_path)
-        self.settings = settings
-        self.layout = settings.layout
-        self.runs = runs
-        settings.expert_placement(ModelConfig.from_file(self.model_path))  # PlacementError before start
-        for run in runs:
-            if len(run.prompts) != self.layout.attention_ranks:
-                raise ValueError(
-                    f"a run lists prompts for {len(run.prompts)} attention ranks, "
-                    f"not {self.layout.attention_ranks}"
-                )
-        self.procs: list[Any] = []
-        self.ready: set[int] = set()
-        self.results: dict[int, RankResult] = {}
-        self.errors: dict[int, RankError] = {}
-        self.exited_at: dict[int, float] = {}
-
-    def start(self) -> None:
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "moeserve.workers.ep_rank"])
-        self.store = host_store(STORE_HOST, self.settings.startup_timeout_s)
-        secret = new_secret()
-        self.messages = ctx.Queue()
-        for rank in range(self.layout.size):
-            proc = ctx.Process(
-                target=_child,
-                args=(
-                    rank,
-                    self.model_path,
-                    self.settings,
-                    self.runs,
-                    self.store.port,
-                    secret,
-                    self.messages,
-                ),
-                name=f"moeserve-{self.layout.role(rank)}-{rank}",
-            )
-            proc.start()
-            self.procs.append(proc)
-
-    def pid(self, rank: int) -> int:
-        return int(self.procs[rank].pid)
-
-    def wait_ready(self, timeout_s: float) -> None:
-        """Block until every rank has loaded its weights (raises `RankFailure` if one fails first)."""
-        deadline = time.monotonic() + timeout_s
-        while len(self.ready) < self.layout.size:
-            self._poll(0.2)
-            if self.errors or any(p.exitcode not in (None, 0) for p in self.procs):
-                self.join()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"ranks {sorted(set(range(self.layout.size)) - self.ready)} not ready")
-
-    def join(self) -> list[RankResult]:
-        """Wait for every rank; results by rank, or `RankFailure` naming the rank that failed first."""
-        failed_at: float | None = None
-        limit = self.settings.collective_timeout_s + GRACE_S
-        while any(p.is_alive() for p in self.procs):
-            self._poll(0.2)
-            for rank, proc in enumerate(self.procs):
-                if proc.exitcode is not None:
-                    self.exited_at.setdefault(rank, time.time())
-            if failed_at is None and (self.errors or any(p.exitcode not in (None, 0) for p in self.procs)):
-                failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() - failed_at > limit:
-                self._kill_remaining()
-        for proc in self.procs:
-            proc.join()
-        self._poll(0.0)
-        for rank, proc in enumerate(self.procs):
-            if proc.exitcode != 0 and rank not in self.errors:
-                at = self.exited_at.get(rank, time.time())
-                self.errors[rank] = RankError(_exit_reason(proc.exitcode), False, at)
-            elif rank not in self.results and rank not in self.errors:
-                self.errors[rank] = RankError("exited without a result", False, time.time())
-        if self.errors:
-            raise RankFailure(self.layout, _root_cause(self.errors), dict(self.errors))
-        return [self.results[r] for r in range(self.layout.size)]
-
-    def _poll(self, timeout_s: float) -> None:
-        while True:
-            try:
-                kind, rank, data = self.messages.get(timeout=timeout_s)
-            except queue.Empty:
-                return
-            payload = pickle.loads(data)
-            timeout_s = 0.0
-            if kind == "ready":
-                self.ready.add(rank)
-            elif kind == "done":
-                self.results[rank] = payload
-            else:
-                self.errors.setdefault(rank, payload)
-
-    def _kill_remaining(self) -> None:
-        for rank, proc in enumerate(self.procs):
-            if proc.is_alive():
-                self.errors.setdefault(
-                    rank,
-                    RankError(
-                        f"no answer {self.settings.collective_timeout_s + GRACE_S:g} s after the first "
-                        "failure; killed by the launcher",
-                        False,
-                        time.time(),
-                    ),
-                )
-                proc.kill()
-
-
-def _exit_reason(code: int | None) -> str:
+def exit_reason(code: int | None) -> str:
     if code is not None and code < 0:
         return f"died with signal {signal.Signals(-code).name}"
     return f"exited with code {code}"
 
 
-def _root_cause(errors: dict[int, RankError]) -> int:
+def root_cause(errors: dict[int, RankError]) -> int:
     """The earliest failure that is not just the consequence of a collective failing."""
     own = {r: e for r, e in errors.items() if not e.collective}
     pool = own or errors
     return min(pool, key=lambda r: (pool[r].at, r))
 
 
-def launch_local(model_path: str | Path, settings: EPSettings, runs: list[Run]) -> list[RankResult]:
-    """Run `runs` on a fresh local world and return every rank's result (raises `RankFailure`)."""
-    world = LocalWorld(model_path, settings, runs)
-    world.start()
-    return world.join()
+class RankProcesses:
+    """The processes of one local world. Make queues with `ctx`, then `start`; `kill_all` ends them."""
+
+    def __init__(self, layout: WorldLayout, program: str, startup_timeout_s: float):
+        """`program`: the module the ranks run, imported once by the forkserver (with torch)."""
+        self.layout = layout
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["torch", "torch.distributed", program])
+        self._store: dist.TCPStore | None = host_store(LOOPBACK, startup_timeout_s)
+        self.rendezvous = Rendezvous(LOOPBACK, self._store.port, new_secret())
+        self.procs: list[Any] = []
+
+    def start(
+        self, target: Callable[..., None], args_of: Callable[[int], tuple[Any, ...]], daemon: bool
+    ) -> None:
+        """Start `target(rank, rendezvous, *args_of(rank))` for every rank."""
+        for rank in range(self.layout.size):
+            proc = self.ctx.Process(
+                target=target,
+                args=(rank, self.rendezvous, *args_of(rank)),
+                name=f"moeserve-{self.layout.role(rank)}-{rank}",
+                daemon=daemon,
+            )
+            proc.start()
+            self.procs.append(proc)
+
+    def close_store(self) -> None:
+        """Every rank has joined: nothing needs to listen for the rendezvous any more."""
+        self._store = None
+
+    def pid(self, rank: int) -> int:
+        return int(self.procs[rank].pid)
+
+    def exitcode(self, rank: int) -> int | None:
+        code = self.procs[rank].exitcode
+        return None if code is None else int(code)
+
+    def any_alive(self) -> bool:
+        return any(p.is_alive() for p in self.procs)
+
+    def any_failed(self) -> bool:
+        return any(p.exitcode not in (None, 0) for p in self.procs)
+
+    def first_exited(self, besides: int) -> int | None:
+        """A rank other than `besides` that has exited, if any."""
+        return next((r for r, p in enumerate(self.procs) if r != besides and p.exitcode is not None), None)
+
+    def join(self, timeout_s: float) -> None:
+        end = time.monotonic() + timeout_s
+        for proc in self.procs:
+            proc.join(max(0.0, end - time.monotonic()))
+
+    def kill(self, rank: int) -> None:
+        if self.procs[rank].is_alive():
+            self.procs[rank].kill()
+
+    def kill_all(self, join_s: float = 5.0) -> None:
+        for rank in range(len(self.procs)):
+            self.kill(rank)
+        for proc in self.procs:
+            proc.join(join_s)

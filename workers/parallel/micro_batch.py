@@ -17,10 +17,10 @@ from collections.abc import Generator
 
 import torch
 
-from moeserve.workers.batch import ForwardBatch, SequenceStep
-from moeserve.workers.kv_cache import PagedLatentCache
-from moeserve.workers.model import Transformer
-from moeserve.workers.moe import MoE, RoutedExecutor
+from moeserve.workers.model.batch import ForwardBatch, SequenceStep
+from moeserve.workers.model.kv_cache import PagedLatentCache
+from moeserve.workers.model.moe import MoE, RoutedExecutor
+from moeserve.workers.model.transformer import Transformer
 
 
 def split_steps(steps: list[SequenceStep], parts: int) -> list[list[SequenceStep]]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeserve.workers.config import ModelConfig
+from moeserve.workers.model.config import ModelConfig
 
 
 class PlacementError(ValueError):

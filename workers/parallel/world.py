@@ -232,6 +232,15 @@ def default_device(backend: Backend, rank: int) -> torch.device:
     return torch.device("cuda", rank % max(torch.cuda.device_count(), 1))
 
 
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the ranks of one world meet, and the secret that proves they belong to it."""
+
+    host: str
+    port: int
+    secret: bytes
+
+
 def new_secret() -> bytes:
     """A per-instance rendezvous secret; the launcher hands it to every rank of that instance only."""
     return secrets.token_bytes(32)

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 from moeserve.workers.engine.core import Engine
 from moeserve.workers.engine.loop import EngineLoop
-from moeserve.workers.ep_dispatch import ExpertServer
-from moeserve.workers.ep_world import EPWorld
+from moeserve.workers.parallel.dispatch import ExpertServer
+from moeserve.workers.parallel.world import EPWorld
 
 log = logging.getLogger(__name__)
 IDLE_S = 0.005  # how long every rank sleeps when no attention rank has work

@@ -19,19 +19,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moeserve.workers.config import ModelConfig
 from moeserve.workers.engine.core import Engine, EngineObserver
-from moeserve.workers.engine.lockstep import LockstepLoop, serve_experts
 from moeserve.workers.engine.loop import EngineStopped, QueueFull
+from moeserve.workers.engine.observe import RankGauges
 from moeserve.workers.engine.request import AbortCause, InvalidRequest, RequestOutput, SamplingParams
 from moeserve.workers.engine.runner import LocalModelRunner
 from moeserve.workers.engine.settings import EngineSettings
-from moeserve.workers.ep_dispatch import AllToAllExecutor, ExpertServer
-from moeserve.workers.ep_rank import EPSettings
-from moeserve.workers.ep_world import EPWorld, init_world
-from moeserve.workers.loader import load_attention_side, load_experts
-from moeserve.workers.server.metrics import RankGauges
-from moeserve.workers.tokenizer import Tokenizer
+from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.loader import load_attention_side, load_experts
+from moeserve.workers.model.tokenizer import Tokenizer
+from moeserve.workers.parallel.dispatch import AllToAllExecutor, ExpertServer
+from moeserve.workers.parallel.settings import EPSettings
+from moeserve.workers.parallel.world import EPWorld, init_world
+from moeserve.workers.ranks.lockstep import LockstepLoop, serve_experts
 
 # (front-end key, output) from an attention rank's engine thread
 OutputCallback = Callable[[int, RequestOutput], None]

@@ -1,4 +1,4 @@
-"""The Ray Serve application: `build_app(args)` (import path `moeserve.workers.serve_app:build_app`).
+"""The Ray Serve application: `build_app(args)` (import path `moeserve.workers.ray_app.app:build_app`).
 
 Three deployments: `InferenceIngress` implements the `moeserve.v1.Inference` RPCs for Ray Serve's
 own gRPC proxy (method names are the RPC names; `Generate` is a streaming generator; status codes go
@@ -28,17 +28,18 @@ from ray.serve.handle import DeploymentHandle
 
 from moeserve.serve_config import ServeAppConfig, ServeConfigError
 from moeserve.v1 import inference_pb2 as pb
-from moeserve.workers.config import ModelConfig
 from moeserve.workers.engine.request import InvalidRequest, RequestOutput, SamplingParams
 from moeserve.workers.engine.settings import EngineSettings
-from moeserve.workers.ep_rank import EPSettings
-from moeserve.workers.ep_serving import ServingRankSpec
-from moeserve.workers.placement import PlacementError
-from moeserve.workers.serve_ranks import ModelInstanceCore
-from moeserve.workers.serve_routing import READY_STAT, router_config
+from moeserve.workers.engine.validation import validation_engine
+from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.loader import EMBEDDED_MODEL_PATH
+from moeserve.workers.model.tokenizer import Tokenizer
+from moeserve.workers.parallel.placement import PlacementError
+from moeserve.workers.parallel.settings import EPSettings
+from moeserve.workers.ranks.serving import ServingRankSpec
+from moeserve.workers.ray_app.ranks import ModelInstanceCore
+from moeserve.workers.ray_app.routing import READY_STAT, router_config
 from moeserve.workers.server.convert import check_sizes, model_info, to_engine, to_response
-from moeserve.workers.server.ep_frontend import validation_engine
-from moeserve.workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 APP_NAME = "moeserve"  # the Serve application `moeserve serve --ray` runs
@@ -46,7 +47,6 @@ HEALTH_SERVICE = "moeserve.v1.Inference"
 HEALTH_SERVICE_AVAILABLE = HEALTH_SERVICE + "/available"
 HEARTBEAT_S = 1.0  # an instance re-reports its readiness this often, and at once when it changes
 STALE_S = 5.0  # an instance not heard from for this long is gone (its replica died or was removed)
-EMBEDDED_MODEL = Path(__file__).parent / "assets" / "default-model"
 _STATUS = {
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -59,7 +59,7 @@ _STATUS = {
 
 
 def model_path(cfg: ServeAppConfig) -> Path:
-    return Path(cfg.model.path) if cfg.model.path else EMBEDDED_MODEL
+    return Path(cfg.model.path) if cfg.model.path else EMBEDDED_MODEL_PATH
 
 
 def rank_spec(cfg: ServeAppConfig) -> ServingRankSpec:
@@ -165,7 +165,7 @@ class InferenceIngress:
         self.health = health
         self.instances = cfg.replicas
         self.tokenizer = Tokenizer.from_model_dir(spec.model_path)
-        self.engine = validation_engine(spec, self.tokenizer)
+        self.engine = validation_engine(spec.model_path, spec.engine, self.tokenizer)
         self.info = model_info(
             spec.model_path.name,
             ModelConfig.from_file(spec.model_path),

@@ -14,7 +14,7 @@ from __future__ import annotations
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from moeserve import contract
-from moeserve.workers.server.metrics import HELP, LATENCY_BUCKETS, EngineEvents, RankGauges
+from moeserve.workers.engine.observe import HELP, LATENCY_BUCKETS, EngineEvents, RankGauges
 
 P = contract.METRICS_PREFIX
 TAGS = ("instance", "rank")

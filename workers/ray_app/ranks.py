@@ -29,11 +29,11 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from moeserve import contract
+from moeserve.workers.engine.observe import EventRecorder
 from moeserve.workers.engine.request import RequestOutput, SamplingParams
-from moeserve.workers.ep_serving import AttentionRank, ServingRankSpec, join_world, run_expert_rank
-from moeserve.workers.ep_world import host_store, new_secret
-from moeserve.workers.serve_metrics import RankMetrics
-from moeserve.workers.server.metrics import EventRecorder
+from moeserve.workers.parallel.world import host_store, new_secret
+from moeserve.workers.ranks.serving import AttentionRank, ServingRankSpec, join_world, run_expert_rank
+from moeserve.workers.ray_app.metrics import RankMetrics
 
 log = logging.getLogger(__name__)
 METRICS_REFRESH_S = 0.5

@@ -29,6 +29,7 @@ from moeserve.workers.engine.core import Engine
 from moeserve.workers.engine.loop import EngineLoop
 from moeserve.workers.engine.runner import LocalModelRunner
 from moeserve.workers.engine.settings import EngineSettings
+from moeserve.workers.model.tokenizer import Tokenizer
 from moeserve.workers.server.convert import model_info
 from moeserve.workers.server.metrics import ServingMetrics
 from moeserve.workers.server.servicer import (
@@ -37,7 +38,6 @@ from moeserve.workers.server.servicer import (
     InvalidMessageInterceptor,
     ServingState,
 )
-from moeserve.workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 STOP_MARGIN_S = 1.0  # after the grace period: stopping the engine, ending the last streams
@@ -52,7 +52,7 @@ def local_loader(model_path: Path, dtype: torch.dtype, settings: EngineSettings)
     """Load a checkpoint directory into a single-process engine (all experts local)."""
 
     def load(metrics: ServingMetrics, on_failure: Callable[[BaseException], None]) -> Backend:
-        from moeserve.workers.loader import load_model
+        from moeserve.workers.model.loader import load_model
 
         model = load_model(model_path, dtype)
         tokenizer = Tokenizer.from_model_dir(model_path)

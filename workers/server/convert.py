@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeserve.v1 import inference_pb2 as pb
-from moeserve.workers.config import ModelConfig
 from moeserve.workers.engine.core import Engine
 from moeserve.workers.engine.request import (
     FinishReason,
@@ -22,7 +21,8 @@ from moeserve.workers.engine.request import (
     check_stop_sizes,
 )
 from moeserve.workers.engine.settings import RequestLimits
-from moeserve.workers.tokenizer import Tokenizer
+from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 16
 FINISH_REASONS: dict[FinishReason | None, pb.FinishReason] = {

@@ -25,54 +25,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from moeserve.workers.config import ModelConfig
-from moeserve.workers.engine.core import Engine
 from moeserve.workers.engine.loop import EngineFailed, EngineStopped, QueueFull
+from moeserve.workers.engine.observe import EventRecorder, RankGauges
 from moeserve.workers.engine.request import AbortCause, RequestOutput, SamplingParams, Sink
 from moeserve.workers.engine.settings import EngineSettings
-from moeserve.workers.ep_rank import EPSettings
-from moeserve.workers.ep_serving import AttentionRank, ServingRankSpec, join_world, run_expert_rank
-from moeserve.workers.ep_world import host_store, new_secret
-from moeserve.workers.kv_cache import BlockAllocator
+from moeserve.workers.engine.validation import validation_engine
+from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.tokenizer import Tokenizer
+from moeserve.workers.parallel.launch import RankProcesses, exit_reason
+from moeserve.workers.parallel.settings import EPSettings
+from moeserve.workers.parallel.world import Rendezvous
+from moeserve.workers.ranks.serving import AttentionRank, ServingRankSpec, join_world, run_expert_rank
 from moeserve.workers.server.convert import model_info
-from moeserve.workers.server.metrics import EventRecorder, RankGauges, ServingMetrics
+from moeserve.workers.server.metrics import ServingMetrics
 from moeserve.workers.server.servicer import Backend
-from moeserve.workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-STORE_HOST = "127.0.0.1"
 METRICS_PERIOD_S = 0.5  # how often attention ranks report engine events and gauges
 
 
-class ShapeRunner:
-    """A `ModelRunner` that only describes the model, so the front end can validate requests."""
-
-    def __init__(self, config: ModelConfig, settings: EngineSettings):
-        self.block_size = settings.block_size
-        self.allocator = BlockAllocator(settings.num_blocks)
-        self.vocab_size = config.vocab_size
-        self.max_positions = config.max_position_embeddings
-
-    def step(self, steps: list[Any]) -> torch.Tensor:
-        raise RuntimeError("the front end's engine twin never steps")
-
-
-def validation_engine(spec: ServingRankSpec, tokenizer: Tokenizer | None) -> Engine:
-    """An engine with the ranks' limits and vocabulary that is only used to check requests."""
-    config = ModelConfig.from_file(spec.model_path)
-    return Engine(ShapeRunner(config, spec.engine), spec.engine, config.eos_token_ids, tokenizer)
-
-
-def _rank_main(
-    rank: int, spec: ServingRankSpec, store_port: int, secret: bytes, inbox: Any, outbox: Any
-) -> None:
+def _rank_main(rank: int, rendezvous: Rendezvous, spec: ServingRankSpec, inbox: Any, outbox: Any) -> None:
     """Process entry of one rank; reports ("ready"|"out"|"stopped"|"error", rank, payload)."""
     name = spec.ep.layout.describe(rank)
     try:
-        world = join_world(spec, rank, STORE_HOST, store_port, secret)
+        world = join_world(spec, rank, rendezvous.host, rendezvous.port, rendezvous.secret)
         if world.role == "expert":
             run_expert_rank(spec, world)
             outbox.put(("stopped", rank, None))
@@ -131,7 +108,7 @@ class EPFrontend:
         if metrics is not None:
             metrics.bind_ranks(lambda: list(self._gauges.values()))
         self.layout = spec.ep.layout
-        self.engine = validation_engine(spec, tokenizer)
+        self.engine = validation_engine(spec.model_path, spec.engine, tokenizer)
         self.on_failure = on_failure
         self.failure: BaseException | None = None
         self._engine_failure: str | None = None  # first failed rank engine's error, with its root cause
@@ -142,26 +119,20 @@ class EPFrontend:
         self._load = [0] * self.layout.attention_ranks  # requests in flight per attention rank
         self._ready: set[int] = set()
         self._stats: dict[int, dict[str, int]] = {}
-        self.procs: list[Any] = []
 
     # lifecycle
     def start(self) -> EPFrontend:
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "moeserve.workers.ep_serving"])
-        self._store: dist.TCPStore | None = host_store(STORE_HOST, self.spec.ep.startup_timeout_s)
-        secret = new_secret()
-        self._outbox = ctx.Queue()
-        self._inboxes = [ctx.Queue() for _ in range(self.layout.attention_ranks)]
-        for rank in range(self.layout.size):
-            inbox = self._inboxes[rank] if rank < self.layout.attention_ranks else None
-            proc = ctx.Process(
-                target=_rank_main,
-                args=(rank, self.spec, self._store.port, secret, inbox, self._outbox),
-                name=f"moeserve-{self.layout.role(rank)}-{rank}",
-                daemon=True,
-            )
-            proc.start()
-            self.procs.append(proc)
+        self.ranks = RankProcesses(
+            self.layout, "moeserve.workers.ranks.serving", self.spec.ep.startup_timeout_s
+        )
+        self._outbox = self.ranks.ctx.Queue()
+        self._inboxes = [self.ranks.ctx.Queue() for _ in range(self.layout.attention_ranks)]
+        attention = self.layout.attention_ranks
+
+        def args_of(rank: int) -> tuple[Any, ...]:
+            return (self.spec, self._inboxes[rank] if rank < attention else None, self._outbox)
+
+        self.ranks.start(_rank_main, args_of, daemon=True)
         self._pump_thread = threading.Thread(target=self._pump, name="moeserve-ep-frontend", daemon=True)
         self._pump_thread.start()
         return self
@@ -174,7 +145,7 @@ class EPFrontend:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"ranks not ready after {timeout_s:g} s")
             time.sleep(0.05)
-        self._store = None  # every rank has joined: nothing listens for the rendezvous any more
+        self.ranks.close_store()
 
     def rank_stats(self, timeout_s: float = 10.0) -> list[dict[str, int]]:
         """Fresh counters of every attention rank (`AttentionRank.stats`)."""
@@ -189,7 +160,7 @@ class EPFrontend:
         return [self._stats[r] for r in range(self.layout.attention_ranks)]
 
     def pid(self, rank: int) -> int:
-        return int(self.procs[rank].pid)
+        return self.ranks.pid(rank)
 
     def stop(self, timeout: float | None = 10.0) -> None:
         with self._lock:
@@ -198,10 +169,8 @@ class EPFrontend:
         if not already and self.failure is None:
             for inbox in self._inboxes:
                 inbox.put(("stop",))
-        end = time.monotonic() + (timeout or 10.0)
-        for proc in self.procs:
-            proc.join(max(0.0, end - time.monotonic()))
-        self._kill_all()
+        self.ranks.join(timeout or 10.0)
+        self.ranks.kill_all()
         self._end_all("stopping", "server is stopping")
         self._idle_gauges()
 
@@ -277,13 +246,12 @@ class EPFrontend:
                     self.metrics.apply(events)
             elif kind == "error" and not self._stopping:
                 self._fail(self._root_cause(rank, payload))
-            if self._stopping and not any(p.is_alive() for p in self.procs):
+            if self._stopping and not self.ranks.any_alive():
                 return
             if not self._stopping and self.failure is None:
-                for r, proc in enumerate(self.procs):
-                    if proc.exitcode is not None:
-                        self._fail(f"{self.layout.describe(r)} exited with code {proc.exitcode}")
-                        break
+                dead = self.ranks.first_exited(besides=-1)
+                if dead is not None:
+                    self._fail(f"{self.layout.describe(dead)} {exit_reason(self.ranks.exitcode(dead))}")
             if self.failure is not None:
                 return
 
@@ -291,10 +259,10 @@ class EPFrontend:
         """A rank's error, led by the death of another rank if one died: that is the likelier cause."""
         end = time.monotonic() + grace_s
         while True:
-            dead = [r for r, p in enumerate(self.procs) if r != rank and p.exitcode is not None]
-            if dead:
-                who = self.layout.describe(dead[0])
-                return f"{who} exited with code {self.procs[dead[0]].exitcode}; then {message}"
+            dead = self.ranks.first_exited(besides=rank)
+            if dead is not None:
+                who = self.layout.describe(dead)
+                return f"{who} {exit_reason(self.ranks.exitcode(dead))}; then {message}"
             if time.monotonic() > end:
                 return message
             time.sleep(0.02)
@@ -319,18 +287,11 @@ class EPFrontend:
             if self.failure is not None:
                 return
             self.failure = RuntimeError(message)
-        self._kill_all()
+        self.ranks.kill_all()
         self._end_all("unavailable", f"model instance lost a rank: {message}")
         self._idle_gauges()
         if self.on_failure is not None:
             self.on_failure(self.failure)
-
-    def _kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.kill()
-        for proc in self.procs:
-            proc.join(5.0)
 
     def _end_all(self, cause: AbortCause, error: str) -> None:
         with self._lock:

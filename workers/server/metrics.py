@@ -4,17 +4,14 @@ process in tests). Every name starts with `contract.METRICS_PREFIX`.
 Counters and histograms are fed by the engine's observer hooks (on the engine thread); gauges
 (running, waiting, KV blocks) and the per-expert token counts are read from the engine when scraped,
 so they are current even while the engine is idle. With local expert ranks the engines live in
-rank processes: there an `EventRecorder` collects the hook calls as plain data (`EngineEvents`)
-and `RankGauges` snapshots, which the front end relays into `apply` and `bind_ranks`.
+rank processes: there an `EventRecorder` (`engine.observe`) collects the hook calls as plain data
+(`EngineEvents`) and `RankGauges` snapshots, which the front end relays into `apply` and `bind_ranks`.
 Nothing here changes engine behaviour.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -23,82 +20,11 @@ from prometheus_client.registry import Collector
 from moeserve import contract
 from moeserve.workers.engine.core import Engine, EngineObserver
 from moeserve.workers.engine.loop import EngineLoop
+from moeserve.workers.engine.observe import HELP, LATENCY_BUCKETS, EngineEvents, ExpertCounts, RankGauges
 from moeserve.workers.engine.request import FinishReason, Request
 from moeserve.workers.engine.runner import ExpertLoad
 
 P = contract.METRICS_PREFIX
-# Every metric once: name (after the prefix) -> help text; the Ray path (serve_metrics.py) uses the same.
-HELP = {
-    "requests": "Finished requests by finish reason",
-    "prompt_tokens": "Prompt tokens of finished requests",
-    "generated_tokens": "Tokens generated",
-    "preemptions": "Requests preempted for lack of KV blocks",
-    "time_to_first_token_seconds": "From arrival to the first generated token",
-    "inter_token_latency_seconds": "Between consecutive generated tokens of one request",
-    "requests_running": "Requests in the running batch",
-    "requests_waiting": "Requests waiting to be admitted",
-    "kv_blocks_used": "KV-cache blocks holding tokens",
-    "kv_blocks_free": "KV-cache blocks free",
-    "expert_tokens": "Tokens routed to each routed expert, by MoE layer",
-}
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class ExpertCounts(Protocol):
-    def snapshot(self) -> dict[int, list[int]]:
-        """layer -> tokens routed to each expert so far."""
-        ...
-
-
-@dataclass
-class EngineEvents:
-    """Observer calls since the last drain, as plain data that can cross a process boundary."""
-
-    tokens: int = 0
-    ttft: list[float] = field(default_factory=list)
-    itl: list[float] = field(default_factory=list)
-    finished: dict[str, int] = field(default_factory=dict)  # finish reason -> requests
-    prompt_tokens: int = 0
-    preemptions: int = 0
-
-
-@dataclass(frozen=True)
-class RankGauges:
-    """An attention rank's engine as it is now (`AttentionRank.gauges`)."""
-
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_free: int
-    expert_tokens: dict[int, list[int]]  # layer -> tokens routed to each expert so far
-
-
-class EventRecorder(EngineObserver):
-    """Collects an engine's observer calls for a registry in another process; `drain` is thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._events = EngineEvents()
-
-    def drain(self) -> EngineEvents:
-        with self._lock:
-            events, self._events = self._events, EngineEvents()
-        return events
-
-    def on_step(self, engine: Engine, num_tokens: int, num_preempted: int) -> None:
-        if num_preempted:
-            with self._lock:
-                self._events.preemptions += num_preempted
-
-    def on_token(self, request: Request, seconds_since_previous: float, first: bool) -> None:
-        with self._lock:
-            self._events.tokens += 1
-            (self._events.ttft if first else self._events.itl).append(seconds_since_previous)
-
-    def on_finish(self, request: Request, reason: FinishReason) -> None:
-        with self._lock:
-            self._events.finished[reason] = self._events.finished.get(reason, 0) + 1
-            self._events.prompt_tokens += len(request.prompt_ids)
 
 
 class _ExpertLoadCollector(Collector):

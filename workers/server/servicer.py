@@ -25,8 +25,8 @@ from moeserve.v1 import inference_pb2_grpc as pb_grpc
 from moeserve.workers.engine.core import Engine
 from moeserve.workers.engine.loop import EngineFailed, EngineStopped, QueueFull
 from moeserve.workers.engine.request import AbortCause, InvalidRequest, RequestOutput, SamplingParams, Sink
+from moeserve.workers.model.tokenizer import Tokenizer
 from moeserve.workers.server.convert import check_sizes, to_engine, to_response
-from moeserve.workers.tokenizer import Tokenizer
 
 # How a stream ends for each abort cause ("cancelled" and "stopping" end with FINISH_REASON_ABORT).
 ABORT_STATUS: dict[AbortCause, tuple[grpc.StatusCode, str]] = {

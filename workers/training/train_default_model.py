@@ -11,7 +11,7 @@ What this is not: part of the serving path (nothing imports it at run time), a g
 training framework, or a model of any quality beyond "continues Python code plausibly". It needs
 `transformers` (a dev dependency) and never touches the network.
 
-    python -m moeserve.workers.train_default_model --out DIR [--steps N] [--seed S] [--threads T]
+    python -m moeserve.workers.training.train_default_model --out DIR [--steps N] [--seed S] [--threads T]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moeserve.workers.cli_args import positive_float, positive_int
+from moeserve.workers.cli.args import positive_float, positive_int
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -68,7 +68,7 @@ class Corpus:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m moeserve.workers.train_default_model",
+        prog="python -m moeserve.workers.training.train_default_model",
         description="Train the tiny DeepSeek-V2-architecture default model on the Python stdlib source.",
     )
     p.add_argument("--out", required=True, type=Path, help="output directory (created if absent)")
@@ -347,7 +347,7 @@ def readme_text(
 ) -> str:
     import transformers
 
-    command = "python -m moeserve.workers.train_default_model " + shlex.join(sys.argv[1:])
+    command = "python -m moeserve.workers.training.train_default_model " + shlex.join(sys.argv[1:])
     loads = "\n".join(
         f"| {i + 1} | " + " ".join(f"{x:.2f}" for x in layer) + " |"
         for i, layer in enumerate(result.expert_load)

@@ -1,0 +1,1 @@
+"""Serving rank programs: attention ranks (engine + lockstep loop) and expert ranks of one model instance."""
