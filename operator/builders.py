@@ -53,6 +53,12 @@ RAY_RESOURCES: dict[str, str] = {
     contract.ROLE_ATTENTION: contract.RAY_RESOURCE_ATTENTION,
     contract.ROLE_EXPERT: contract.RAY_RESOURCE_EXPERT,
 }
+HEAD_RAY_RESOURCE = "moeserve_head"
+"""Offered by the head pod only. The Serve replicas (ingress, health, model-instance drivers) ask for
+a sliver of it: with no resource at all Serve puts them on any node, and a replica on a worker pod
+dies with that pod, so a stream in flight when a worker group restarts ended INTERNAL ("the actor
+died") instead of UNAVAILABLE (found by the e2e tier). The head outlives worker-group restarts."""
+SERVE_DEPLOYMENTS = ("InferenceIngress", "InstanceHealth", "ModelInstance")
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,10 @@ def serve_application(spec: MoEServiceSpec) -> Manifest:
         "route_prefix": "/",
         "import_path": contract.SERVE_APP_IMPORT_PATH,
         "args": serve_app_config(spec).to_dict(),
+        "deployments": [
+            {"name": name, "ray_actor_options": {"num_cpus": 0, "resources": {HEAD_RAY_RESOURCE: 0.001}}}
+            for name in SERVE_DEPLOYMENTS
+        ],
     }
 
 
@@ -437,6 +447,7 @@ def head_pod(owner: Owner, spec: MoEServiceSpec) -> Manifest:
         "--dashboard-host=0.0.0.0",
         f"--dashboard-port={contract.RAY_DASHBOARD_PORT}",
         "--num-gpus=0",  # ranks ask for GPUs and moeserve_* resources, which only workers offer
+        f"--resources={json.dumps({HEAD_RAY_RESOURCE: 1})}",
         *_ray_flags(spec),
     ]
     ports = [

@@ -659,3 +659,16 @@ def test_events_name_the_moeservice_and_are_cut_to_the_api_limit() -> None:
     }
     assert (event["type"], event["reason"], len(event["message"])) == ("Warning", "ModelUnavailable", 1024)
     assert event["metadata"] == {"generateName": "demo.", "namespace": "models"}
+
+
+def test_serve_replicas_live_on_the_head_only() -> None:
+    """A Serve replica on a worker pod would die with it when the group restarts (e2e finding)."""
+    spec = spec_of()
+    command = builders.head_pod(OWNER, spec)["spec"]["containers"][0]["command"]
+    assert f'--resources={{"{builders.HEAD_RAY_RESOURCE}": 1}}' in command
+    (app,) = builders.serve_deploy_document(spec)["applications"]
+    pinned = {d["name"]: d["ray_actor_options"]["resources"] for d in app["deployments"]}
+    assert pinned == {name: {builders.HEAD_RAY_RESOURCE: 0.001} for name in builders.SERVE_DEPLOYMENTS}
+    for role in builders.WORKER_ROLES:
+        worker = builders.worker_template(OWNER, spec, role)["spec"]["containers"][0]["command"]
+        assert not any(builders.HEAD_RAY_RESOURCE in arg for arg in worker)
