@@ -22,9 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.loader import load_model
-from moeserve.workers.offline.generate import GenerationSettings, generate
+from moeserve.workers.offline.generate import GenerationSettings, LockstepResult, generate, generate_lockstep
 from moeserve.workers.offline.local_world import LocalWorld, RankFailure, launch_local
-from moeserve.workers.offline.lockstep import LockstepResult, generate_lockstep
 from moeserve.workers.offline.rank import RankResult, Run
 from moeserve.workers.parallel.placement import PlacementError
 from moeserve.workers.parallel.settings import EPSettings

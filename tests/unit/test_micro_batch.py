@@ -8,8 +8,7 @@ import torch
 from moeserve.workers.model.batch import ForwardBatch, SequenceStep
 from moeserve.workers.model.loader import load_model
 from moeserve.workers.model.moe import LocalRoutedExecutor, SplitPhaseRoutedExecutor
-from moeserve.workers.offline.generate import GenerationSettings, generate, make_cache
-from moeserve.workers.offline.lockstep import generate_lockstep
+from moeserve.workers.offline.generate import GenerationSettings, generate, generate_lockstep, make_cache
 from moeserve.workers.parallel.micro_batch import forward_micro_batches, split_steps
 
 pytestmark = pytest.mark.unit

@@ -16,7 +16,14 @@ from moeserve.workers.model.batch import ForwardBatch
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.kv_cache import PagedLatentCache
 from moeserve.workers.model.mla import MLA, AttnImpl
-from moeserve.workers.model.moe import MLP, LocalRoutedExecutor, MoE, RoutedExecutor, RoutedExperts
+from moeserve.workers.model.moe import (
+    MLP,
+    LocalRoutedExecutor,
+    MoE,
+    PendingMoE,
+    RoutedExecutor,
+    RoutedExperts,
+)
 from moeserve.workers.model.norm import RMSNorm
 from moeserve.workers.model.rope import RotaryEmbedding
 
@@ -42,9 +49,30 @@ class Block(nn.Module):
         routed: RoutedExecutor,
         attn_impl: AttnImpl,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), batch, cache, rope, attn_impl)
+        x = self.attention(x, batch, cache, rope, attn_impl)
+        return x + self.ffn_out(self.start_ffn(x, routed))
+
+    def attention(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        cache: PagedLatentCache,
+        rope: RotaryEmbedding,
+        attn_impl: AttnImpl,
+    ) -> torch.Tensor:
+        """x [T, D] -> x + MLA(norm(x)), the residual stream after this block's attention."""
+        return x + self.attn(self.attn_norm(x), batch, cache, rope, attn_impl)
+
+    def start_ffn(self, x: torch.Tensor, routed: RoutedExecutor) -> PendingMoE | torch.Tensor:
+        """Start the feed-forward part on x [T, D]: an MoE layer's routed tokens go out (and come
+        back with `ffn_out`); a dense MLP is computed at once. The split lets micro-batches
+        interleave while tokens are with the expert ranks (`parallel.micro_batch`)."""
         h = self.ffn_norm(x)
-        return x + (self.ffn(h, routed) if isinstance(self.ffn, MoE) else self.ffn(h))
+        return self.ffn.start(h, routed) if isinstance(self.ffn, MoE) else self.ffn(h)
+
+    @staticmethod
+    def ffn_out(started: PendingMoE | torch.Tensor) -> torch.Tensor:
+        return started.wait() if isinstance(started, PendingMoE) else started
 
 
 class Transformer(nn.Module):
@@ -95,6 +123,11 @@ class Transformer(nn.Module):
         x = self.embed(batch.input_ids)  # [T, D]
         for block in self.layers:
             x = block(x, batch, cache, self.rope, routed, self.attn_impl)
+        return self.logits(x, batch, all_logits)
+
+    def logits(self, x: torch.Tensor, batch: ForwardBatch, all_logits: bool = False) -> torch.Tensor:
+        """Residual stream x [T, D] after the last block -> logits [S, V] at each sequence's last new
+        token, or [T, V] with `all_logits` (fp32)."""
         if not all_logits:
             x = x[batch.last_token_rows]  # [S, D]
         return self.head(self.norm(x)).float()

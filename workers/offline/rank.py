@@ -25,8 +25,7 @@ from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.loader import load_attention_side, load_experts
 from moeserve.workers.model.moe import MoE
 from moeserve.workers.model.transformer import Transformer
-from moeserve.workers.offline.generate import GenerationSettings
-from moeserve.workers.offline.lockstep import generate_lockstep
+from moeserve.workers.offline.generate import GenerationSettings, generate_lockstep
 from moeserve.workers.parallel.dispatch import AllToAllExecutor, DispatchStats, ExpertServer
 from moeserve.workers.parallel.launch import RankError
 from moeserve.workers.parallel.settings import EPSettings

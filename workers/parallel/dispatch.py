@@ -18,6 +18,7 @@ Legend: T tokens, K choices per token, M rows sent/received, D hidden, N world s
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -28,7 +29,7 @@ import torch.distributed as dist
 
 from moeserve.workers.model.moe import RoutedExperts, combine, sort_by_expert
 from moeserve.workers.parallel.placement import ExpertPlacement
-from moeserve.workers.parallel.world import EPWorld
+from moeserve.workers.parallel.world import EPWorld, StepControl
 
 
 @dataclass
@@ -172,20 +173,30 @@ class ExpertServer:
         self.stats = stats
         self._sending: list[tuple[dist.Work, list[torch.Tensor]]] = []  # buffers outlive their sends
 
-    def serve(self, on_step: Callable[[int], None] | None = None) -> int:
-        """Run steps until no attention rank has work; returns the number of steps served.
+    def serve(
+        self,
+        on_step: Callable[[int], None] | None = None,
+        stop: threading.Event | None = None,
+        idle_s: float = 0.005,
+    ) -> int:
+        """Serve the attention ranks' steps in lockstep; returns the number of steps served.
 
-        `on_step(i)` runs as step i begins (the same step index the attention ranks see)."""
+        Offline (`stop` None): until a step in which no attention rank has work. Serving: idle
+        `idle_s` while nobody has work, until any rank asks to stop (setting `stop` makes this rank
+        ask). `on_step(i)` runs as step i begins (the same step index the attention ranks see)."""
         steps = 0
         while True:
-            go, micro_batches = self.world.step_control(active=False, micro_batches=0)
-            if not go:
+            agreed = self.world.control(StepControl(stop=stop is not None and stop.is_set()))
+            if agreed.stop or (stop is None and not agreed.work):
                 self._drain()
                 return steps
+            if not agreed.work:
+                time.sleep(idle_s)
+                continue
             if on_step is not None:
                 on_step(steps)
             for layer in sorted(self.experts_by_layer):
-                for _ in range(micro_batches):
+                for _ in range(max(1, agreed.micro_batches)):
                     self.serve_layer(layer)
             self._drain()
             steps += 1
@@ -233,11 +244,8 @@ class ExpertServer:
             stats.bytes_sent += _nbytes(send, partial)
             stats.add("send", t0)
 
-    def drain(self) -> None:
-        """Wait for this rank's combine sends still in flight (end of a step)."""
-        self._drain()
-
     def _drain(self) -> None:
+        """Wait for this rank's combine sends still in flight (end of a step)."""
         if self._sending:
             self.world.wait([work for work, _ in self._sending], "combine")
             self._sending.clear()

@@ -1,13 +1,14 @@
 """Micro-batch ping-pong: one step's sequences split in two, interleaved layer by layer.
 
-Each micro-batch runs the same blocks as `Transformer.forward`, as a generator that pauses after
-starting an MoE layer's dispatch. Driving the generators round-robin gives, per MoE layer:
-attention(mb0) -> dispatch(mb0) -> attention(mb1) -> dispatch(mb1) -> combine(mb0) -> attention of
-mb0's next layer -> ..., so expert ranks compute one micro-batch while this rank computes the
-other (attention-FFN disaggregation as in MegaScale-Infer / Step-3). Every attention rank issues
-the collectives in that same order, and expert ranks serve them in that order. Sequences are
-independent, so the split changes nothing but the matmul shapes. With a local executor the
-pause is a no-op. This module does not decide when to split; the step loop does.
+Each micro-batch runs the same block parts as `Transformer.forward` (`Block.attention`,
+`start_ffn`, `ffn_out`), as a generator that pauses after starting an MoE layer's dispatch.
+Driving the generators round-robin gives, per MoE layer: attention(mb0) -> dispatch(mb0) ->
+attention(mb1) -> dispatch(mb1) -> combine(mb0) -> attention of mb0's next layer -> ..., so expert
+ranks compute one micro-batch while this rank computes the other (attention-FFN disaggregation as
+in MegaScale-Infer / Step-3). Every attention rank issues the collectives in that same order, and
+expert ranks serve them in that order. Sequences are independent, so the split changes nothing but
+the matmul shapes. With a local executor the pause is a no-op. This module does not decide when to
+split; the step loop does.
 Legend: T tokens, S sequences, D hidden, V vocab.
 """
 
@@ -50,16 +51,13 @@ def forward_micro_batches(
 def _forward(
     model: Transformer, batch: ForwardBatch, cache: PagedLatentCache, routed: RoutedExecutor
 ) -> Generator[None, None, torch.Tensor]:
-    """`Transformer.forward`, pausing while each MoE layer's tokens are with the expert ranks."""
+    """`Transformer.forward` from the blocks' own parts, pausing while each MoE layer's tokens are
+    with the expert ranks."""
     x = model.embed(batch.input_ids)  # [T, D]
     for block in model.layers:
-        x = x + block.attn(block.attn_norm(x), batch, cache, model.rope, model.attn_impl)
-        h = block.ffn_norm(x)
+        x = block.attention(x, batch, cache, model.rope, model.attn_impl)
+        started = block.start_ffn(x, routed)
         if isinstance(block.ffn, MoE):
-            pending = block.ffn.start(h, routed)
             yield  # the other micro-batch's attention runs while our tokens are away
-            x = x + pending.wait()
-        else:
-            x = x + block.ffn(h)
-    x = x[batch.last_token_rows]  # [S, D]
-    return model.head(model.norm(x)).float()
+        x = x + block.ffn_out(started)
+    return model.logits(x, batch)

@@ -31,6 +31,18 @@ Backend = Literal["gloo", "nccl"]
 Role = Literal["attention", "expert"]
 
 
+@dataclass(frozen=True)
+class StepControl:
+    """What a rank says at the start of a step (`EPWorld.control`)."""
+
+    work: bool = False
+    """This rank has something to compute this step."""
+    micro_batches: int = 0
+    """Micro-batches this rank wants the step split into (expert ranks ask for none)."""
+    stop: bool = False
+    """This rank leaves the lockstep (serving shuts down)."""
+
+
 class CollectiveError(RuntimeError):
     """A collective failed or timed out: a peer died, hung or left the lockstep."""
 
@@ -186,18 +198,16 @@ class EPWorld:
         self.wait([work], what)
         return recv.tolist()
 
-    def step_control(self, active: bool, micro_batches: int) -> tuple[bool, int]:
-        """Every rank, every step: (does any attention rank still have work, micro-batches this step)."""
-        go, n = self._max_over_ranks([int(active), micro_batches], "step control")
-        return bool(go), n
+    def control(self, mine: StepControl) -> StepControl:
+        """Every rank, at the start of every step: the element-wise MAX of what each rank says.
 
-    def serving_control(self, has_work: bool, stop: bool) -> tuple[bool, bool]:
-        """Every rank, every serving iteration: (does any attention rank have work, does any rank stop).
-
-        The serving variant of `step_control`: one micro-batch per step, and a stop flag so that every
-        rank leaves the lockstep in the same iteration."""
-        go, halt = self._max_over_ranks([int(has_work), int(stop)], "serving control")
-        return bool(go), bool(halt)
+        The one lockstep collective of offline generation and of serving alike: any rank with work
+        makes every rank step (an idle one with an empty batch), the most micro-batches asked for is
+        what every rank runs, and any rank asking to stop makes all leave in the same iteration."""
+        work, micro_batches, stop = self._max_over_ranks(
+            [int(mine.work), mine.micro_batches, int(mine.stop)], "step control"
+        )
+        return StepControl(bool(work), micro_batches, bool(stop))
 
     def _max_over_ranks(self, values: list[int], what: str) -> list[int]:
         """Element-wise MAX of `values` over every rank of the world (all of them must call it)."""

@@ -1,11 +1,12 @@
 """The serving loops of an expert-parallel model instance: every rank steps in lockstep.
 
 `LockstepLoop` is `EngineLoop` for an attention rank: the same inbox, aborts, deadlines and
-failure handling, but each iteration starts with `EPWorld.serving_control`, which every rank of
+failure handling, but each iteration starts with `EPWorld.control`, which every rank of
 the world joins. When no attention rank has work, every rank idles a few milliseconds and loops;
 when any has work, every attention rank steps (one with nothing scheduled runs the model over an
 empty batch, which still joins every MoE collective) and the expert ranks serve each MoE layer
-once (`serve_experts`); when any rank asks to stop, all leave in the same iteration.
+once (`serve_experts`: `ExpertServer.serve` in serving mode); when any rank asks to stop, all
+leave in the same iteration.
 This module knows nothing about processes, Ray or gRPC; the world and the runner are passed in.
 """
 
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from moeserve.workers.engine.core import Engine
 from moeserve.workers.engine.loop import EngineLoop
 from moeserve.workers.parallel.dispatch import ExpertServer
-from moeserve.workers.parallel.world import EPWorld
+from moeserve.workers.parallel.world import EPWorld, StepControl
 
 log = logging.getLogger(__name__)
 IDLE_S = 0.005  # how long every rank sleeps when no attention rank has work
@@ -50,7 +51,8 @@ class LockstepLoop(EngineLoop):
                 for key, cause in aborts:
                     engine.abort(key, cause)
                 engine.expire(time.monotonic())
-                go, stop = self.world.serving_control(engine.has_work, stopping)
+                agreed = self.world.control(StepControl(engine.has_work, 1, stopping))
+                go, stop = agreed.work, agreed.stop
                 if stop:
                     engine.abort_all("stopping")
                     self.mark_stopping()
@@ -74,16 +76,4 @@ def serve_experts(server: ExpertServer, stop: threading.Event | None = None, idl
     """An expert rank's serving loop, the counterpart of `LockstepLoop`; returns the steps served.
 
     Setting `stop` makes this rank ask the world to stop at the next iteration."""
-    world, steps = server.world, 0
-    while True:
-        go, halt = world.serving_control(False, stop is not None and stop.is_set())
-        if halt:
-            server.drain()
-            return steps
-        if not go:
-            time.sleep(idle_s)
-            continue
-        for layer in sorted(server.experts_by_layer):
-            server.serve_layer(layer)
-        server.drain()
-        steps += 1
+    return server.serve(stop=stop if stop is not None else threading.Event(), idle_s=idle_s)
