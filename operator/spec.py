@@ -13,10 +13,11 @@ they can see; what only `ServeAppConfig` can tell (e.g. an expert placed on two 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from moeserve.serve_config import EngineLimits, ModelSpec, Ports, ServeAppConfig
+from moeserve.engine_settings import EngineSettings
+from moeserve.serve_config import ModelSpec, Ports, ServeAppConfig
 
 Packing = Literal["Preferred", "Required"]
 PACKINGS: tuple[str, ...] = ("Preferred", "Required")
@@ -26,11 +27,11 @@ VOLUME_SOURCES: tuple[str, ...] = ("persistentVolumeClaim", "hostPath", "image",
 PULL_POLICIES: tuple[str, ...] = ("Always", "IfNotPresent", "Never")
 DEFAULT_STARTUP_S = 600
 
-# CRD name (camelCase) -> EngineLimits field.
+# CRD name (camelCase) -> EngineSettings field (`spec.model.maxModelLen` is its max_model_len).
 ENGINE_FIELDS: dict[str, str] = {
-    "maxRunningRequests": "max_running_requests",
-    "maxWaitingRequests": "max_waiting_requests",
-    "maxTokensPerStep": "max_tokens_per_step",
+    "maxRunningRequests": "max_num_seqs",
+    "maxWaitingRequests": "max_waiting",
+    "maxTokensPerStep": "max_num_batched_tokens",
     "kvCacheTokens": "kv_cache_tokens",
     "blockSize": "block_size",
 }
@@ -84,7 +85,7 @@ class Serving:
     """Prometheus port of attention rank 0 of each model instance."""
     collective_timeout_s: float = ServeAppConfig.collective_timeout_s
     """Seconds before a rank stuck in a collective gives up and its instance rebuilds."""
-    engine: EngineLimits = field(default_factory=EngineLimits)
+    engine: EngineSettings = field(default_factory=EngineSettings)
 
 
 @dataclass(frozen=True)
@@ -159,12 +160,7 @@ class MoEServiceSpec:
                         Serving.collective_timeout_s,
                     )
                 ),
-                engine=EngineLimits(
-                    **{
-                        py: _value(engine, crd, int, "spec.serving.engine", getattr(EngineLimits, py))
-                        for crd, py in ENGINE_FIELDS.items()
-                    }
-                ),
+                engine=_engine_settings(engine),
             ),
             scheduling=Scheduling(
                 node_selector=dict(
@@ -187,6 +183,19 @@ class MoEServiceSpec:
         return self.replicas * self.group(role).ranks
 
 
+def _engine_settings(engine: dict[str, Any]) -> EngineSettings:
+    values = {
+        py: _value(engine, crd, int, "spec.serving.engine", getattr(EngineSettings, py))
+        for crd, py in ENGINE_FIELDS.items()
+    }
+    try:
+        return EngineSettings(**values)
+    except ValueError as e:  # the message starts with the EngineSettings field
+        field_name, _, problem = str(e).partition(": ")
+        crd = {py: crd for crd, py in ENGINE_FIELDS.items()}.get(field_name, field_name)
+        raise SpecError(f"spec.serving.engine.{crd}: {problem}") from None
+
+
 def serve_app_config(spec: MoEServiceSpec, replicas: int | None = None) -> ServeAppConfig:
     """The Serve application's config for `spec`, validated by `ServeAppConfig.from_dict`.
 
@@ -195,11 +204,7 @@ def serve_app_config(spec: MoEServiceSpec, replicas: int | None = None) -> Serve
     """
     placement = spec.experts.placement
     raw = {
-        "model": {
-            "path": spec.model.path,
-            "dtype": spec.model.dtype,
-            "max_model_len": spec.model.max_model_len,
-        },
+        "model": {"path": spec.model.path, "dtype": spec.model.dtype},
         "replicas": spec.replicas if replicas is None else replicas,
         "attention_ranks": spec.attention.ranks,
         "expert_ranks": spec.experts.ranks,
@@ -207,7 +212,10 @@ def serve_app_config(spec: MoEServiceSpec, replicas: int | None = None) -> Serve
         "gpus_per_attention_rank": float(spec.attention.gpus_per_rank),
         "gpus_per_expert_rank": float(spec.experts.gpus_per_rank) if spec.experts.ranks else 0.0,
         "collective_timeout_s": spec.serving.collective_timeout_s,
-        "engine": {f.name: getattr(spec.serving.engine, f.name) for f in fields(EngineLimits)},
+        "engine": {
+            **{f: getattr(spec.serving.engine, f) for f in ENGINE_FIELDS.values()},
+            "max_model_len": spec.model.max_model_len,
+        },
         "ports": {"grpc": spec.serving.grpc_port, "metrics": spec.serving.metrics_port},
     }
     return ServeAppConfig.from_dict(raw)

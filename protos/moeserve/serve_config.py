@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from moeserve.engine_settings import EngineSettings, RequestLimits
+
 Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
 
@@ -25,22 +27,6 @@ class ModelSpec:
     """Checkpoint directory (Hugging Face layout) readable by every rank; "" = the embedded model."""
     dtype: Dtype = "bfloat16"
     """Weight and KV-cache dtype."""
-    max_model_len: int | None = None
-    """Longest prompt + completion in tokens; None = the checkpoint's max_position_embeddings."""
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    max_running_requests: int = 64
-    """Requests decoded together per attention rank."""
-    max_waiting_requests: int = 256
-    """Queued requests per attention rank before new ones get RESOURCE_EXHAUSTED."""
-    max_tokens_per_step: int = 2048
-    """Token budget of one step (chunked prefill splits longer prompts)."""
-    kv_cache_tokens: int = 65536
-    """Latent KV-cache capacity per attention rank, in tokens."""
-    block_size: int = 16
-    """Tokens per KV-cache block."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +56,8 @@ class ServeAppConfig:
     """GPUs a Ray actor of an expert rank asks for."""
     collective_timeout_s: float = 60.0
     """Seconds before a rank stuck in a collective gives up and the instance rebuilds."""
-    engine: EngineLimits = field(default_factory=EngineLimits)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    """Limits of every attention rank's engine (the same type `moeserve serve` builds from its flags)."""
     ports: Ports = field(default_factory=Ports)
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,18 +76,10 @@ class ServeAppConfig:
         _check(self.attention_ranks >= 1, "attention_ranks", "must be >= 1")
         _check(self.expert_ranks >= 1, "expert_ranks", "must be >= 1 (routed experts live on expert ranks)")
         _check(self.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}")
-        _check(
-            self.model.max_model_len is None or self.model.max_model_len >= 1,
-            "model.max_model_len",
-            "must be >= 1",
-        )
         _check(self.gpus_per_attention_rank >= 0, "gpus_per_attention_rank", "must be >= 0")
         _check(self.gpus_per_expert_rank >= 0, "gpus_per_expert_rank", "must be >= 0")
         _check(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0")
-        e = self.engine
-        for name in ("max_running_requests", "max_waiting_requests", "max_tokens_per_step", "block_size"):
-            _check(getattr(e, name) >= 1, f"engine.{name}", "must be >= 1")
-        _check(e.kv_cache_tokens >= e.block_size, "engine.kv_cache_tokens", "must hold at least one block")
+        _check(isinstance(self.engine, EngineSettings), "engine", "expected engine settings")
         for name in ("grpc", "metrics"):
             port = getattr(self.ports, name)
             _check(1 <= port <= 65535, f"ports.{name}", f"{port} is not a valid port")
@@ -123,7 +102,13 @@ def _check(ok: bool, path: str, message: str) -> None:
         raise ServeConfigError(f"{path}: {message}")
 
 
-_NESTED = {"model": ModelSpec, "engine": EngineLimits, "ports": Ports}
+# ServeAppConfig field (or engine field) -> the dataclass its mapping is read into
+_NESTED: dict[tuple[type, str], type] = {
+    (ServeAppConfig, "model"): ModelSpec,
+    (ServeAppConfig, "engine"): EngineSettings,
+    (ServeAppConfig, "ports"): Ports,
+    (EngineSettings, "limits"): RequestLimits,
+}
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
@@ -134,13 +119,16 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         path = f"{prefix}{name}"
-        if name in _NESTED and cls is ServeAppConfig:
+        if (cls, name) in _NESTED:
             if not isinstance(value, dict):
                 raise ServeConfigError(f"{path}: expected a mapping")
-            kwargs[name] = _build(_NESTED[name], value, f"{path}.")
+            kwargs[name] = _build(_NESTED[cls, name], value, f"{path}.")
         else:
             kwargs[name] = _coerce(value, known[name].type, path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a dataclass's own check (EngineSettings): its message starts with the field
+        raise ServeConfigError(f"{prefix}{e}") from None
 
 
 def _coerce(value: Any, annotation: Any, path: str) -> Any:

@@ -36,14 +36,15 @@ TIMEOUT_S = 10.0
 
 def app_config(path: Path, **changes: Any) -> dict[str, Any]:
     return {
-        "model": {"path": str(path), "dtype": "float32", "max_model_len": MAIN_SETTINGS.max_model_len},
+        "model": {"path": str(path), "dtype": "float32"},
         "replicas": 2,
         "attention_ranks": 1,
         "expert_ranks": 2,
         "collective_timeout_s": TIMEOUT_S,
         "engine": {
-            "max_tokens_per_step": MAIN_SETTINGS.max_num_batched_tokens,
+            "max_num_batched_tokens": MAIN_SETTINGS.max_num_batched_tokens,
             "kv_cache_tokens": MAIN_SETTINGS.kv_cache_tokens,
+            "max_model_len": MAIN_SETTINGS.max_model_len,
         },
         **changes,
     }

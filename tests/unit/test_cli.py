@@ -98,7 +98,7 @@ def test_import_operator_is_still_the_standard_library() -> None:
     "args, message",
     [
         (["--tls-cert", "server.crt"], "--tls-cert and --tls-key go together"),
-        (["--max-stop-strings", "-1"], "--max-stop-strings: max_stop_strings must be >= 0"),
+        (["--max-stop-strings", "-1"], "--max-stop-strings: must be >= 0, got -1"),
     ],
 )
 def test_bad_serve_limits_and_tls_flags_exit_2(reference_checkpoints, args: list[str], message: str) -> None:

@@ -14,6 +14,7 @@ from builders import ChecksumRunner, train_byte_level_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from moeserve.engine_settings import RequestLimits
 from moeserve.workers.engine import (
     Engine,
     EngineLoop,
@@ -23,7 +24,6 @@ from moeserve.workers.engine import (
     SamplingParams,
 )
 from moeserve.workers.engine.sampler import MIN_TEMPERATURE, sample
-from moeserve.workers.engine.settings import RequestLimits
 from moeserve.workers.model.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.unit

@@ -22,7 +22,8 @@ from moeserve import contract
 from moeserve.operator import builders
 from moeserve.operator.builders import GPU_RESOURCE, Owner
 from moeserve.operator.spec import ENGINE_FIELDS, MoEServiceSpec, SpecError, serve_app_config
-from moeserve.serve_config import EngineLimits, ServeAppConfig, ServeConfigError
+from moeserve.engine_settings import EngineSettings
+from moeserve.serve_config import ServeAppConfig, ServeConfigError
 from tests.moeservices import REPO, crd, example, merge, moeservice
 
 pytestmark = pytest.mark.unit
@@ -59,7 +60,7 @@ def test_chart_example_maps_onto_a_valid_serve_app_config() -> None:
     assert (cfg.attention_ranks, cfg.expert_ranks, cfg.replicas) == (2, 2, 1)
     assert cfg.placement is not None and [len(rank) for rank in cfg.placement] == [32, 32]
     assert cfg.gpus_per_attention_rank == 1.0 and cfg.gpus_per_expert_rank == 1.0
-    assert cfg.model.max_model_len == 8192 and cfg.engine.kv_cache_tokens == 131072
+    assert cfg.engine.max_model_len == 8192 and cfg.engine.kv_cache_tokens == 131072
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic deprecations inside ray
@@ -532,7 +533,7 @@ def test_a_minimal_spec_gets_the_defaults() -> None:
     spec = MoEServiceSpec.from_dict({"image": IMAGE_MIN, "model": {"path": "/m"}})
     cfg = serve_app_config(spec)
     assert (cfg.replicas, cfg.attention_ranks, cfg.expert_ranks, cfg.placement) == (1, 1, 1, None)
-    assert (cfg.ports.grpc, cfg.ports.metrics, cfg.engine) == (9000, 8080, EngineLimits())
+    assert (cfg.ports.grpc, cfg.ports.metrics, cfg.engine) == (9000, 8080, EngineSettings())
     assert cfg.gpus_per_attention_rank == 1.0 and cfg.gpus_per_expert_rank == 1.0
     assert spec.scheduling.packing == "Preferred" and spec.scheduling.topology_key == "kubernetes.io/hostname"
     assert spec.model.volume is None and spec.probes.startup_s == 600 and spec.image_pull_policy == ""
@@ -594,7 +595,7 @@ def test_crd_defaults_equal_the_spec_readers_and_serve_app_configs() -> None:
     minimal = {"image": IMAGE_MIN, "model": {"path": "/m"}}
     defaulted = _apply_defaults(_schema()["properties"]["spec"], minimal)
     assert defaulted["serving"]["engine"] == {
-        crd_name: getattr(EngineLimits(), f) for crd_name, f in ENGINE_FIELDS.items()
+        crd_name: getattr(EngineSettings(), f) for crd_name, f in ENGINE_FIELDS.items()
     }
     assert MoEServiceSpec.from_dict(defaulted) == MoEServiceSpec.from_dict(minimal)
     from_crd = serve_app_config(MoEServiceSpec.from_dict(defaulted)).to_dict()
@@ -607,7 +608,10 @@ def test_crd_defaults_equal_the_spec_readers_and_serve_app_configs() -> None:
 def test_crd_engine_fields_are_exactly_the_engine_limits() -> None:
     engine = _schema()["properties"]["spec"]["properties"]["serving"]["properties"]["engine"]
     assert set(engine["properties"]) == set(ENGINE_FIELDS)
-    assert sorted(ENGINE_FIELDS.values()) == sorted(EngineLimits().__dataclass_fields__)
+    # every EngineSettings field has a CRD home: max_model_len is spec.model.maxModelLen; the request
+    # size limits keep their defaults on clusters (no CRD field yet)
+    others = {"max_model_len", "limits"}
+    assert sorted(ENGINE_FIELDS.values()) == sorted(set(EngineSettings().__dataclass_fields__) - others)
 
 
 def test_crd_names_scale_subresource_and_printer_columns() -> None:

@@ -17,18 +17,20 @@ def test_defaults_round_trip() -> None:
 def test_full_config() -> None:
     cfg = ServeAppConfig.from_dict(
         {
-            "model": {"path": "/models/v2-lite", "dtype": "bfloat16", "max_model_len": 8192},
+            "model": {"path": "/models/v2-lite", "dtype": "bfloat16"},
             "replicas": 2,
             "attention_ranks": 2,
             "expert_ranks": 2,
             "placement": [[0, 1], [2, 3]],
             "gpus_per_attention_rank": 1,
-            "engine": {"block_size": 32},
+            "engine": {"block_size": 32, "max_model_len": 8192, "limits": {"max_stop_strings": 8}},
             "ports": {"grpc": 9000, "metrics": 8081},
         }
     )
     assert (
         cfg.engine.block_size == 32
+        and cfg.engine.max_model_len == 8192
+        and cfg.engine.limits.max_stop_strings == 8
         and cfg.gpus_per_attention_rank == 1.0
         and cfg.placement == [[0, 1], [2, 3]]
     )
@@ -52,6 +54,9 @@ def test_full_config() -> None:
         ({"expert_ranks": 2, "placement": [[0], []]}, "placement"),
         ({"extra": True}, "extra"),
         ({"engine": 3}, "engine"),
+        ({"engine": {"max_model_len": 1}}, "engine.max_model_len"),
+        ({"engine": {"limits": {"max_prompt_bytes": -1}}}, "engine.limits.max_prompt_bytes"),
+        ({"engine": {"limits": {"nonsense": 1}}}, "engine.limits.nonsense"),
     ],
 )
 def test_invalid_configs_name_the_field(raw: dict, field: str) -> None:

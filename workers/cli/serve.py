@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from moeserve import contract, extras
+from moeserve.engine_settings import EngineSettings, RequestLimits
 
 
 def _env_int(name: str, default: int) -> int:
@@ -24,8 +25,6 @@ def _env_int(name: str, default: int) -> int:
 
 
 def add_serve_parser(sub: argparse._SubParsersAction, dtypes: list[str], default_model: Path) -> None:
-    from moeserve.workers.engine.settings import EngineSettings, RequestLimits
-
     d = EngineSettings()
     lim = RequestLimits()
     serve = sub.add_parser("serve", help="serve the gRPC API on this machine (no Ray)")
@@ -135,13 +134,8 @@ def tls_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> obje
     return TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
-def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes: dict[str, object]) -> int:
-    from moeserve.workers.engine.settings import EngineSettings, RequestLimits
-    from moeserve.workers.server.app import InferenceServer, Listen, local_loader, serve
-
-    if not (args.model / "config.json").exists():
-        parser.error(f"--model: no config.json in {args.model}")
-    tls = tls_files(parser, args)
+def engine_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EngineSettings:
+    """The engine flags as the one `EngineSettings` (for local engines and the Ray Serve app alike)."""
     try:
         limits = RequestLimits(
             max_prompt_bytes=args.max_prompt_bytes,
@@ -160,7 +154,18 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
             max_model_len=args.max_model_len,
         )
     except ValueError as e:
-        parser.error(f"--{str(e).split()[0].replace('_', '-')}: {e}")
+        field, _, problem = str(e).partition(": ")
+        parser.error(f"--{field.replace('_', '-')}: {problem}")
+    return settings
+
+
+def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes: dict[str, object]) -> int:
+    from moeserve.workers.server.app import InferenceServer, Listen, local_loader, serve
+
+    if not (args.model / "config.json").exists():
+        parser.error(f"--model: no config.json in {args.model}")
+    tls = tls_files(parser, args)
+    settings = engine_settings(parser, args)
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads: must be >= 1, got {args.threads}")
@@ -212,26 +217,20 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
 
 def run_ray_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`moeserve serve --ray`: the same flags, as the `ServeAppConfig` the operator would generate."""
-    from moeserve.serve_config import ServeAppConfig, ServeConfigError
+    from moeserve.serve_config import ModelSpec, Ports, ServeAppConfig, ServeConfigError
     from moeserve.workers.ray_app.app import run_with_ray
 
-    raw = {
-        "model": {"path": str(args.model), "dtype": args.dtype, "max_model_len": args.max_model_len},
-        "replicas": args.replicas,
-        "attention_ranks": args.attention_ranks,
-        "expert_ranks": args.expert_ranks or 1,
-        "collective_timeout_s": args.collective_timeout,
-        "engine": {
-            "max_running_requests": args.max_num_seqs,
-            "max_waiting_requests": args.max_waiting,
-            "max_tokens_per_step": args.max_num_batched_tokens,
-            "kv_cache_tokens": args.kv_cache_tokens,
-            "block_size": args.block_size,
-        },
-        "ports": {"grpc": args.port, "metrics": args.metrics_port},
-    }
+    cfg = ServeAppConfig(
+        model=ModelSpec(path=str(args.model), dtype=args.dtype),
+        replicas=args.replicas,
+        attention_ranks=args.attention_ranks,
+        expert_ranks=args.expert_ranks or 1,
+        collective_timeout_s=args.collective_timeout,
+        engine=engine_settings(parser, args),
+        ports=Ports(grpc=args.port, metrics=args.metrics_port),
+    )
     try:
-        cfg = ServeAppConfig.from_dict(raw)
+        cfg.validate()
     except ServeConfigError as e:
         parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

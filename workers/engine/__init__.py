@@ -7,6 +7,7 @@ nothing about gRPC or Prometheus; it tokenizes nothing (prompts arrive as ids) a
 to stream text and match stop strings.
 """
 
+from moeserve.engine_settings import EngineSettings
 from moeserve.workers.engine.core import Engine
 from moeserve.workers.engine.loop import EngineFailed, EngineLoop, EngineStopped, QueueFull
 from moeserve.workers.engine.request import (
@@ -17,7 +18,6 @@ from moeserve.workers.engine.request import (
     TokenLogprobs,
 )
 from moeserve.workers.engine.runner import LocalModelRunner, ModelRunner
-from moeserve.workers.engine.settings import EngineSettings
 
 __all__ = [
     "Engine",

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from moeserve.engine_settings import EngineSettings
 from moeserve.workers.engine.request import (
     AbortCause,
     FinishReason,
@@ -31,7 +32,6 @@ from moeserve.workers.engine.request import (
 from moeserve.workers.engine.runner import ModelRunner
 from moeserve.workers.engine.sampler import logprobs_of, sample_row
 from moeserve.workers.engine.scheduler import Schedule, Scheduler
-from moeserve.workers.engine.settings import EngineSettings
 from moeserve.workers.engine.text import TextStream
 from moeserve.workers.model.batch import SequenceStep
 from moeserve.workers.model.kv_cache import SequenceBlocks

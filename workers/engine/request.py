@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from moeserve.workers.engine.settings import RequestLimits
+from moeserve.engine_settings import RequestLimits
 from moeserve.workers.engine.text import TextStream
 from moeserve.workers.model.kv_cache import SequenceBlocks
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from moeserve.engine_settings import EngineSettings
 from moeserve.workers.engine.request import Request
-from moeserve.workers.engine.settings import EngineSettings
 from moeserve.workers.model.kv_cache import BlockAllocator, OutOfBlocks
 
 

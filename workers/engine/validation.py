@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from moeserve.engine_settings import EngineSettings
 from moeserve.workers.engine.core import Engine
-from moeserve.workers.engine.settings import EngineSettings
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.kv_cache import BlockAllocator
 from moeserve.workers.model.tokenizer import Tokenizer

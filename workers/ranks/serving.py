@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moeserve.engine_settings import EngineSettings
 from moeserve.workers.engine.core import Engine, EngineObserver
 from moeserve.workers.engine.loop import EngineStopped, QueueFull
 from moeserve.workers.engine.observe import RankGauges
 from moeserve.workers.engine.request import AbortCause, InvalidRequest, RequestOutput, SamplingParams
 from moeserve.workers.engine.runner import LocalModelRunner
-from moeserve.workers.engine.settings import EngineSettings
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.loader import load_attention_side, load_experts
 from moeserve.workers.model.tokenizer import Tokenizer

@@ -29,7 +29,6 @@ from ray.serve.handle import DeploymentHandle
 from moeserve.serve_config import ServeAppConfig, ServeConfigError
 from moeserve.v1 import inference_pb2 as pb
 from moeserve.workers.engine.request import InvalidRequest, RequestOutput, SamplingParams
-from moeserve.workers.engine.settings import EngineSettings
 from moeserve.workers.engine.validation import validation_engine
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.loader import EMBEDDED_MODEL_PATH
@@ -64,15 +63,7 @@ def model_path(cfg: ServeAppConfig) -> Path:
 
 def rank_spec(cfg: ServeAppConfig) -> ServingRankSpec:
     """What every rank of every instance gets, from the validated config."""
-    e = cfg.engine
-    engine = EngineSettings(
-        block_size=e.block_size,
-        kv_cache_tokens=e.kv_cache_tokens,
-        max_num_seqs=e.max_running_requests,
-        max_num_batched_tokens=e.max_tokens_per_step,
-        max_waiting=e.max_waiting_requests,
-        max_model_len=cfg.model.max_model_len,
-    )
+    engine = cfg.engine
     placement = tuple(tuple(r) for r in cfg.placement) if cfg.placement is not None else None
     ep = EPSettings(
         cfg.attention_ranks,
@@ -81,7 +72,7 @@ def rank_spec(cfg: ServeAppConfig) -> ServingRankSpec:
         backend="nccl" if cfg.gpus_per_attention_rank > 0 else "gloo",
         dtype=getattr(torch, cfg.model.dtype),
         placement=placement,
-        block_size=e.block_size,
+        block_size=engine.block_size,
     )
     return ServingRankSpec(model_path(cfg), ep, engine)
 

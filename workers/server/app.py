@@ -24,11 +24,11 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import start_http_server
 
 from moeserve import contract
+from moeserve.engine_settings import EngineSettings
 from moeserve.v1 import inference_pb2_grpc as pb_grpc
 from moeserve.workers.engine.core import Engine
 from moeserve.workers.engine.loop import EngineLoop
 from moeserve.workers.engine.runner import LocalModelRunner
-from moeserve.workers.engine.settings import EngineSettings
 from moeserve.workers.model.tokenizer import Tokenizer
 from moeserve.workers.server.convert import model_info
 from moeserve.workers.server.metrics import ServingMetrics

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moeserve.engine_settings import RequestLimits
 from moeserve.v1 import inference_pb2 as pb
 from moeserve.workers.engine.core import Engine
 from moeserve.workers.engine.request import (
@@ -20,7 +21,6 @@ from moeserve.workers.engine.request import (
     SamplingParams,
     check_stop_sizes,
 )
-from moeserve.workers.engine.settings import RequestLimits
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.tokenizer import Tokenizer
 

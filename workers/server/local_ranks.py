@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
+from moeserve.engine_settings import EngineSettings
 from moeserve.workers.engine.loop import EngineFailed, EngineStopped, QueueFull
 from moeserve.workers.engine.observe import EventRecorder, RankGauges
 from moeserve.workers.engine.request import AbortCause, RequestOutput, SamplingParams, Sink
-from moeserve.workers.engine.settings import EngineSettings
 from moeserve.workers.engine.validation import validation_engine
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.tokenizer import Tokenizer

@@ -1,5 +1,10 @@
 """Engine limits: KV-cache size, batch shape, queue bound, context length, and the size limits of
-one request (`RequestLimits`). Plain data, no logic."""
+one request (`RequestLimits`). Plain data with its own validation; no torch.
+
+The one type for these limits everywhere: `moeserve serve` builds it from its flags, the Ray Serve
+app receives it inside `ServeAppConfig.engine`, and the operator fills it from `spec.serving.engine`
+and `spec.model.maxModelLen` (the CRD's defaults are these defaults). Errors are `ValueError`s whose
+message starts with the field name (`block_size: must be >= 1, got 0`)."""
 
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ class RequestLimits:
             "max_request_id_bytes",
         ):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -41,11 +46,11 @@ class EngineSettings:
 
     block_size: int = 16
     """Tokens per KV-cache block."""
-    kv_cache_tokens: int = 32768
+    kv_cache_tokens: int = 65536
     """KV-cache capacity in tokens, rounded up to whole blocks (one more block is reserved as padding)."""
     max_num_seqs: int = 64
     """Most requests in the running batch at once."""
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 2048
     """Token budget of one step: decode tokens plus prefill chunks. Longer prompts prefill in chunks."""
     max_waiting: int = 256
     """Most requests waiting to be admitted; a request beyond it is refused (RESOURCE_EXHAUSTED)."""
@@ -64,9 +69,11 @@ class EngineSettings:
             "max_waiting",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens: must hold at least one block ({self.block_size} tokens)")
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+            raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
 
     @property
     def num_blocks(self) -> int:
