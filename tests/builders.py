@@ -11,8 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moeserve.workers.model.batch import ForwardBatch, SequenceStep
+from moeserve.workers.offline.generate import make_cache
+
 if TYPE_CHECKING:
     from moeserve.workers.model.config import ModelConfig
+    from moeserve.workers.model.transformer import Transformer
 
 COMMON: dict[str, Any] = dict(
     vocab_size=256,
@@ -74,6 +78,15 @@ REFERENCE_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
 }
+
+
+def prefill_logits(model: Transformer, ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """Logits [T, V] (fp32) of every prompt position, from one prefill on the model's device."""
+    cache = make_cache(model, [len(ids)], block_size)
+    seq = cache.new_sequence()
+    seq.reserve(cache.allocator, len(ids))
+    batch = ForwardBatch.build([SequenceStep(ids, 0, seq.blocks)], block_size, model.device)
+    return model(batch, cache, all_logits=True)
 
 
 def reference_model(name: str, seed: int = 0) -> torch.nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import prefill_logits
 
 from moeserve.workers.model.loader import load_model
 from moeserve.workers.offline.generate import GenerationSettings, generate
@@ -20,14 +21,7 @@ def test_cuda_fp32_logits_match_transformers(name: str, reference_checkpoints, r
     with torch.no_grad():
         ref = reference_models[name](ids).logits[0].float()
     model = load_model(reference_checkpoints[name], torch.float32, device="cuda")
-    from moeserve.workers.model.batch import ForwardBatch, SequenceStep
-    from moeserve.workers.offline.generate import make_cache
-
-    cache = make_cache(model, [48], 16)
-    seq = cache.new_sequence()
-    seq.reserve(cache.allocator, 48)
-    batch = ForwardBatch.build([SequenceStep(ids[0].tolist(), 0, seq.blocks)], 16, "cuda")
-    got = model(batch, cache, all_logits=True).cpu()
+    got = prefill_logits(model, ids[0].tolist()).cpu()
     assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
 
 

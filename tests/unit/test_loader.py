@@ -98,7 +98,10 @@ def test_multi_token_prediction_layers_are_skipped(reference_checkpoints, tmp_pa
         t["model.layers.4.eh_proj.weight"] = torch.zeros(4, 4)  # v3 reference has 4 layers
 
     path = _copy_with(reference_checkpoints["v3"], tmp_path / "mtp", add_mtp)
-    load_model(path)
+    with_mtp = load_model(path).state_dict()
+    without = load_model(reference_checkpoints["v3"]).state_dict()
+    assert with_mtp.keys() == without.keys()  # nothing of layer 4 was loaded, nothing is missing
+    assert all(torch.equal(with_mtp[k], without[k]) for k in without)
 
 
 def test_no_weights_file_is_an_error(tmp_path: Path) -> None:

@@ -6,21 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import prefill_logits
 
 from moeserve.workers.model.batch import ForwardBatch, SequenceStep
 from moeserve.workers.model.loader import load_model
-from moeserve.workers.model.transformer import Transformer
 from moeserve.workers.offline.generate import GenerationSettings, generate, make_cache
 
 pytestmark = pytest.mark.unit
 NAMES = ["v2_lite", "v2", "v3"]
-
-
-def prefill_logits(model: Transformer, ids: list[int], block_size: int = 16) -> torch.Tensor:
-    cache = make_cache(model, [len(ids)], block_size)
-    seq = cache.new_sequence()
-    seq.reserve(cache.allocator, len(ids))
-    return model(ForwardBatch.build([SequenceStep(ids, 0, seq.blocks)], block_size), cache, all_logits=True)
 
 
 def prompt(n: int, seed: int = 1, vocab: int = 256) -> list[int]:

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from moeserve import contract
+from moeserve.engine_settings import EngineSettings
 from moeserve.operator import builders
 from moeserve.operator.builders import GPU_RESOURCE, Owner
 from moeserve.operator.spec import ENGINE_FIELDS, MoEServiceSpec, SpecError, serve_app_config
-from moeserve.engine_settings import EngineSettings
 from moeserve.serve_config import ServeAppConfig, ServeConfigError
 from tests.moeservices import REPO, crd, example, merge, moeservice
 

@@ -232,20 +232,6 @@ class ModelConfig:
                 raise ConfigError(f"{name} {kwargs[name]!r} is not one of {allowed}")
         return cls(**kwargs, rope=_rope_from_dict(merged), eos_token_ids=eos_ids)
 
-    def to_summary(self) -> dict[str, Any]:
-        """Architecture figures for logs and GetModelInfo."""
-        return {
-            "model_type": self.model_type,
-            "hidden_size": self.hidden_size,
-            "layers": self.num_hidden_layers,
-            "heads": self.num_attention_heads,
-            "kv_lora_rank": self.kv_lora_rank,
-            "routed_experts": self.n_routed_experts,
-            "shared_experts": self.n_shared_experts,
-            "experts_per_token": self.num_experts_per_tok,
-            "vocab_size": self.vocab_size,
-        }
-
 
 def _rope_from_dict(merged: dict[str, Any]) -> RopeConfig:
     """Accept both the published form (`rope_theta` + `rope_scaling`) and the newer `rope_parameters`."""

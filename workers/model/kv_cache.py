@@ -98,10 +98,6 @@ class PagedLatentCache:
     def bytes_per_token(self) -> int:
         return self.bytes_per_token_per_layer * len(self.layers)
 
-    @property
-    def capacity_tokens(self) -> int:
-        return (self.allocator.num_blocks - 1) * self.block_size
-
     def new_sequence(self) -> SequenceBlocks:
         return SequenceBlocks(self.block_size)
 

@@ -26,6 +26,7 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
+from moeserve import contract
 from moeserve.serve_config import ServeAppConfig, ServeConfigError
 from moeserve.v1 import inference_pb2 as pb
 from moeserve.workers.engine.request import InvalidRequest, RequestOutput, SamplingParams
@@ -41,8 +42,8 @@ from moeserve.workers.ray_app.routing import READY_STAT, router_config
 from moeserve.workers.server.convert import check_sizes, model_info, to_engine, to_response
 
 log = logging.getLogger(__name__)
-APP_NAME = "moeserve"  # the Serve application `moeserve serve --ray` runs
-HEALTH_SERVICE = "moeserve.v1.Inference"
+APP_NAME = contract.SERVE_APP_NAME  # the Serve application `moeserve serve --ray` runs
+HEALTH_SERVICE = contract.INFERENCE_SERVICE
 HEALTH_SERVICE_AVAILABLE = HEALTH_SERVICE + "/available"
 HEARTBEAT_S = 1.0  # an instance re-reports its readiness this often, and at once when it changes
 STALE_S = 5.0  # an instance not heard from for this long is gone (its replica died or was removed)
@@ -252,8 +253,6 @@ def run_with_ray(cfg: ServeAppConfig, ray_address: str | None, host: str = "0.0.
 
     import ray
     from ray.serve.config import gRPCOptions
-
-    from moeserve import contract
 
     app = build_app(cfg.to_dict())  # a bad config fails before Ray starts
     if ray_address:
