@@ -11,22 +11,23 @@
 #             rebuilds. `buildah bud --layers` keeps the dependency layer (keyed on pyproject.toml),
 #             so a code-only change reinstalls only moeserve itself, not torch and ray.
 #
-# Each image ends up as an OCI archive with uncompressed layers (compressing a few GB of torch on 2
-# cores would cost minutes, and the archive never leaves the machine) under
-# ${XDG_CACHE_HOME:-~/.cache}/moeserve/images/, which the test cluster imports into its containerd
-# (`ctr -n k8s.io images import`) when it does not hold it yet, and then deletes (a few GB less on
-# disk; containerd's image store under ~/.cache/moeserve/containerd is kept as a cache).
+# Each image ends up in an OCI image layout (a directory) with uncompressed layers under
+# ${XDG_CACHE_HOME:-~/.cache}/moeserve/images/<name>/: compressing a few GB of torch on 2 cores would
+# cost minutes, and a layer the directory already holds is not written again, so after a code-only
+# change only the small top layers are. The directory holds only the current build (older refs and
+# their unshared blobs are pruned). The test cluster streams it into its containerd
+# (`tar | ctr -n k8s.io images import -`: blobs and snapshots it already has are skipped) when
+# containerd does not hold the ref yet.
 # No registry is involved: none is reachable, and none is needed.
 #
 # Usage: bash tests/controlplane/images.sh [--print-refs | pause | base | moeserve ...]
 #   (no argument)  build whatever is missing of all three
-#   --print-refs   print a JSON object {name: {"ref": ..., "archive": ...}} for this checkout, and exit
+#   --print-refs   print a JSON object {name: {"ref": ..., "layout": ...}} for this checkout, and exit
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/moeserve/images"
-IMPORTED="${XDG_CACHE_HOME:-$HOME/.cache}/moeserve/containerd/moeserve-imported"
 [[ -x /usr/local/go/bin/go ]] && PATH="/usr/local/go/bin:$PATH"
 export BUILDAH_ISOLATION=chroot
 
@@ -75,10 +76,50 @@ ref_of() {
     esac
 }
 
-archive_of() {
-    local ref="$1"
-    local name="${ref#localhost/moeserve/}"
-    echo "$CACHE/${name%%:*}-${name##*:}.tar"
+layout_of() {
+    local name="${1#localhost/moeserve/}"
+    echo "$CACHE/${name%%:*}"
+}
+
+# Whether the layout's index.json names `ref`.
+layout_has() {
+    python3 - "$1" "$2" <<'PY'
+import json, sys
+try:
+    index = json.load(open(f"{sys.argv[1]}/index.json"))
+except OSError:
+    sys.exit(1)
+names = [m.get("annotations", {}).get("org.opencontainers.image.ref.name") for m in index["manifests"]]
+sys.exit(0 if sys.argv[2] in names else 1)
+PY
+}
+
+# Keep only `ref` in the layout's index and delete the blobs nothing reachable from it uses.
+prune_layout() {
+    python3 - "$1" "$2" <<'PY'
+import json, os, sys
+root, ref = sys.argv[1], sys.argv[2]
+index_path = f"{root}/index.json"
+index = json.load(open(index_path))
+index["manifests"] = [
+    m for m in index["manifests"] if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == ref
+]
+def blob(digest):
+    return f"{root}/blobs/{digest.replace(':', '/')}"
+keep = set()
+for m in index["manifests"]:
+    keep.add(m["digest"])
+    manifest = json.load(open(blob(m["digest"])))
+    keep.add(manifest["config"]["digest"])
+    keep.update(layer["digest"] for layer in manifest["layers"])
+with open(index_path + ".new", "w") as out:
+    json.dump(index, out)
+os.replace(index_path + ".new", index_path)
+for algo in os.listdir(f"{root}/blobs"):
+    for name in os.listdir(f"{root}/blobs/{algo}"):
+        if f"{algo}:{name}" not in keep:
+            os.unlink(f"{root}/blobs/{algo}/{name}")
+PY
 }
 
 print_refs() {
@@ -86,7 +127,7 @@ print_refs() {
     printf '{'
     for name in pause base moeserve; do
         ref="$(ref_of "$name")"
-        printf '%s"%s": {"ref": "%s", "archive": "%s"}' "$sep" "$name" "$ref" "$(archive_of "$ref")"
+        printf '%s"%s": {"ref": "%s", "layout": "%s"}' "$sep" "$name" "$ref" "$(layout_of "$ref")"
         sep=", "
     done
     printf '}\n'
@@ -94,18 +135,15 @@ print_refs() {
 
 have_image() { buildah inspect --type image "$1" >/dev/null 2>&1; }
 
-# Write the OCI archive containerd imports, then drop older archives of the same image.
-export_archive() {
-    local ref="$1" archive name
-    archive="$(archive_of "$ref")"
-    name="$(basename "$archive")"
-    log "exporting $ref to $archive"
-    rm -f "$archive.partial"
-    buildah push --quiet --disable-compression "$ref" "oci-archive:$archive.partial:$ref" >/dev/null
-    mv "$archive.partial" "$archive"
-    find "$CACHE" -maxdepth 1 -name "${name%-*}-*.tar" ! -name "$name" -delete
-    # Older builds of the same image (the layers they share with this one stay, as the build cache).
-    local old
+# Write (the missing blobs of) the image into its OCI layout, then drop what older builds left there
+# and older builds of the same image in buildah's storage (the layers this one shares with them stay:
+# they are the build cache).
+export_layout() {
+    local ref="$1" layout old
+    layout="$(layout_of "$ref")"
+    log "exporting $ref to $layout"
+    buildah push --quiet --disable-compression "$ref" "oci:$layout:$ref" >/dev/null
+    prune_layout "$layout" "$ref"
     for old in $(buildah images --format '{{.Name}}:{{.Tag}}' | grep "^${ref%:*}:" | grep -vx "$ref" || true); do
         buildah rmi "$old" >/dev/null 2>&1 || true
     done
@@ -171,17 +209,11 @@ build_moeserve() {
 }
 
 ensure() {
-    local name="$1" ref archive step
+    local name="$1" ref layout step
     ref="$(ref_of "$name")"
-    archive="$(archive_of "$ref")"
-    if [[ -f "$archive" ]]; then
-        log "$name up to date: $archive"
-        return
-    fi
-    # The test cluster deletes an archive once its containerd (whose image store is a cache too) holds
-    # the image, and leaves this mark.
-    if [[ -f "$IMPORTED/${ref//\//_}" ]]; then
-        log "$name up to date: imported into the test cluster's containerd"
+    layout="$(layout_of "$ref")"
+    if layout_has "$layout" "$ref"; then
+        log "$name up to date: $ref in $layout"
         return
     fi
     [[ "$name" == moeserve ]] && ensure base
@@ -189,7 +221,7 @@ ensure() {
     if ! have_image "$ref"; then
         "build_$name" "$ref"
     fi
-    export_archive "$ref"
+    export_layout "$ref"
     log "$name ready in $(($(date +%s) - step))s: $ref"
 }
 

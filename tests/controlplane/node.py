@@ -106,7 +106,19 @@ def locate_node_binaries() -> Path:
 class Image:
     name: str
     ref: str
-    archive: Path
+    layout: Path
+    """The OCI image layout (directory) images.sh writes it to."""
+
+    def built(self) -> bool:
+        """Whether the layout holds this ref (images.sh keeps only the current build there)."""
+        try:
+            index = json.loads((self.layout / "index.json").read_text())
+        except OSError:
+            return False
+        names = [
+            m.get("annotations", {}).get("org.opencontainers.image.ref.name") for m in index["manifests"]
+        ]
+        return self.ref in names
 
 
 IMAGE_OVERRIDE = "MOESERVE_E2E_IMAGE"
@@ -120,14 +132,12 @@ def image_refs() -> dict[str, Image]:
         ["bash", str(HERE / "images.sh"), "--print-refs"], capture_output=True, text=True, check=True
     )
     images = {
-        name: Image(name, entry["ref"], Path(entry["archive"]))
+        name: Image(name, entry["ref"], Path(entry["layout"]))
         for name, entry in json.loads(out.stdout).items()
     }
     override = os.environ.get(IMAGE_OVERRIDE)
     if override:
-        tag = override.rsplit(":", 1)[1]
-        archive = images["moeserve"].archive.with_name(f"moeserve-{tag}.tar")
-        images["moeserve"] = Image("moeserve", override, archive)
+        images["moeserve"] = Image("moeserve", override, images["moeserve"].layout)
     return images
 
 
@@ -224,9 +234,9 @@ class RealNode:
         self.bin_dir = locate_node_binaries()
         self.images = image_refs()
         missing = [
-            f"{self.images[n].ref} ({self.images[n].archive})"
+            f"{self.images[n].ref} ({self.images[n].layout})"
             for n in ("pause", *self.wanted_images)
-            if not self.images[n].archive.is_file() and not self._image_imported_marker(self.images[n])
+            if not self.images[n].built()
         ]
         if missing:
             raise RealNodeError(
@@ -241,10 +251,6 @@ class RealNode:
         _run("ip", "link", "add", NODE_LINK, "type", "bridge")
         _run("ip", "addr", "add", f"{NODE_IP}/32", "dev", NODE_LINK)
         _run("ip", "link", "set", NODE_LINK, "up")
-
-    def _image_imported_marker(self, image: Image) -> bool:
-        """Imported before (containerd's store is a cache too), though its archive was removed since."""
-        return (containerd_root() / "moeserve-imported" / image.ref.replace("/", "_")).is_file()
 
     # -- after the control plane is up -----------------------------------------------------------
 
@@ -350,25 +356,19 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         return (self.lock.fd,)
 
     def _import_images(self, deadline: float) -> None:
+        """Stream each image's OCI layout into containerd unless it holds the ref already; blobs and
+        snapshots it has (the big dependency layer, after a code-only change) are skipped."""
         present = set(self._ctr("images", "list", "--quiet").stdout.split())
-        marks = containerd_root() / "moeserve-imported"
-        marks.mkdir(exist_ok=True)
         for name in ("pause", *self.wanted_images):
             image = self.images[name]
             if image.ref in present:
                 continue
-            mark = marks / image.ref.replace("/", "_")
-            if not image.archive.is_file():
-                mark.unlink(missing_ok=True)
-                raise RealNodeError(
-                    f"{image.ref} is neither in containerd ({containerd_root()}) nor in {image.archive}: "
-                    f"build it again with `{IMAGES_COMMAND}`"
-                )
             started = time.monotonic()
-            self._ctr("images", "import", str(image.archive), timeout_s=1800)
-            # containerd's store is the cache from now on (images.sh reads the mark): a few GB less.
-            mark.write_text(f"{image.archive}\n")
-            image.archive.unlink()
+            tar = subprocess.Popen(["tar", "-C", str(image.layout), "-cf", "-", "."], stdout=subprocess.PIPE)
+            try:
+                self._ctr_stdin(tar, "images", "import", "-")
+            finally:
+                tar.wait(timeout=60)
             print(f"real node: imported {image.ref} in {time.monotonic() - started:.0f}s", flush=True)
         present = set(self._ctr("images", "list", "--quiet").stdout.split())
         # Older builds of the same images (an earlier checkout's hash): their layers would pile up.
@@ -377,13 +377,15 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         stale = [ref for ref in present if ref.rsplit(":", 1)[0] in repos and ref not in wanted]
         if stale:
             self._ctr("images", "remove", *stale, check=False)
-            for ref in stale:
-                (marks / ref.replace("/", "_")).unlink(missing_ok=True)
-        absent = [
-            self.images[n].ref for n in ("pause", *self.wanted_images) if self.images[n].ref not in present
-        ]
+        absent = [ref for ref in wanted if ref not in present]
         if absent:
             raise RealNodeError(f"containerd does not list {absent} after importing them")
+
+    def _ctr_stdin(self, source: subprocess.Popen[bytes], *args: str) -> None:
+        command = ["ctr", f"--address={CONTAINERD_SOCKET}", "--namespace=k8s.io", *args]
+        done = subprocess.run(command, stdin=source.stdout, capture_output=True, timeout=1800, check=False)
+        if done.returncode != 0:
+            raise RealNodeError(f"{' '.join(command)} failed: {done.stderr.decode(errors='replace')[:2000]}")
 
     def _write_cni_config(self) -> None:
         net_d = self.dir / "cni" / "net.d"

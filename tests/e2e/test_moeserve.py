@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -110,13 +111,18 @@ class Service:
         return int(self.moe()["spec"].get("serving", {}).get("grpcPort", 9000))
 
 
+def _moeserve_command() -> str:
+    """The `moeserve` console script of this Python environment (what a user runs)."""
+    beside = Path(sys.executable).parent / "moeserve"
+    found = str(beside) if beside.is_file() else shutil.which("moeserve")
+    if found is None:
+        install = 'pip install -e ".[dev,operator,ray]"'
+        pytest.fail(f"the `moeserve` command is not installed: {install}", pytrace=False)
+    return found
+
+
 def _moeserve(*args: str, timeout_s: float = 600.0) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "moeserve.workers.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
+    done = subprocess.run([_moeserve_command(), *args], capture_output=True, text=True, timeout=timeout_s)
     if done.returncode != 0:
         raise AssertionError(f"moeserve {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
     return done.stdout
