@@ -21,7 +21,8 @@ from moeserve.v1 import inference_pb2 as pb
 from moeserve.workers.client import InferenceClient, build_request
 from moeserve.workers.parallel.settings import EPSettings
 from moeserve.workers.server.app import BackgroundServer, local_loader
-from moeserve.workers.server.local_ranks import METRICS_PERIOD_S, EPFrontend, ep_loader
+from moeserve.workers.server.local_ranks import EPFrontend, ep_loader
+from moeserve.workers.server.rank_process import METRICS_PERIOD_S
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 10.0  # collective timeout of the expert-parallel worlds here

@@ -102,6 +102,21 @@ class RankProcesses:
         """A rank other than `besides` that has exited, if any."""
         return next((r for r, p in enumerate(self.procs) if r != besides and p.exitcode is not None), None)
 
+    def describe_exit(self, rank: int) -> str:
+        return f"{self.layout.describe(rank)} {exit_reason(self.exitcode(rank))}"
+
+    def lead_with_dead_peer(self, rank: int, message: str, grace_s: float = 0.3) -> str:
+        """`rank`'s error, led by the death of another rank if one died (within `grace_s`): a dead
+        peer is the likelier cause of a failed collective."""
+        end = time.monotonic() + grace_s
+        while True:
+            dead = self.first_exited(besides=rank)
+            if dead is not None:
+                return f"{self.describe_exit(dead)}; then {message}"
+            if time.monotonic() > end:
+                return message
+            time.sleep(0.02)
+
     def join(self, timeout_s: float) -> None:
         end = time.monotonic() + timeout_s
         for proc in self.procs:

@@ -1,8 +1,9 @@
 """The gRPC process's side of an expert-parallel instance made of local rank processes.
 
-`EPFrontend` starts A attention-rank and E expert-rank processes (`ep_serving` programs, gloo,
-rendezvous through a TCPStore it hosts on 127.0.0.1 only and closes once every rank has joined; the
-ranks prove to each other that they hold a secret only this instance's ranks get) and stands in for
+`EPFrontend` starts A attention-rank and E expert-rank processes (`server.rank_process`, running the
+`ranks.serving` programs over gloo) through the shared launcher (`parallel.launch`:
+rendezvous through a TCPStore on 127.0.0.1 only, closed once every rank has joined; the ranks prove
+to each other that they hold a secret only this instance's ranks get) and stands in for
 `EngineLoop` behind the servicer: it validates each request against a never-stepped twin of the
 ranks' engine, sends it to the attention rank with the fewest requests in flight, and relays that
 rank's `RequestOutput`s to the request's sink. Aborts go to the rank that holds the request. If any
@@ -15,7 +16,6 @@ cause. Ray-hosted instances do not use this module.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -28,68 +28,20 @@ import torch
 
 from moeserve.engine_settings import EngineSettings
 from moeserve.workers.engine.loop import EngineFailed, EngineStopped, QueueFull
-from moeserve.workers.engine.observe import EventRecorder, RankGauges
+from moeserve.workers.engine.observe import RankGauges
 from moeserve.workers.engine.request import AbortCause, RequestOutput, SamplingParams, Sink
 from moeserve.workers.engine.validation import validation_engine
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.tokenizer import Tokenizer
-from moeserve.workers.parallel.launch import RankProcesses, exit_reason
+from moeserve.workers.parallel.launch import RankProcesses
 from moeserve.workers.parallel.settings import EPSettings
-from moeserve.workers.parallel.world import Rendezvous
-from moeserve.workers.ranks.serving import AttentionRank, ServingRankSpec, join_world, run_expert_rank
+from moeserve.workers.ranks.serving import ServingRankSpec
 from moeserve.workers.server.convert import model_info
 from moeserve.workers.server.metrics import ServingMetrics
+from moeserve.workers.server.rank_process import rank_main
 from moeserve.workers.server.servicer import Backend
 
 log = logging.getLogger(__name__)
-METRICS_PERIOD_S = 0.5  # how often attention ranks report engine events and gauges
-
-
-def _rank_main(rank: int, rendezvous: Rendezvous, spec: ServingRankSpec, inbox: Any, outbox: Any) -> None:
-    """Process entry of one rank; reports ("ready"|"out"|"stopped"|"error", rank, payload)."""
-    name = spec.ep.layout.describe(rank)
-    try:
-        world = join_world(spec, rank, rendezvous.host, rendezvous.port, rendezvous.secret)
-        if world.role == "expert":
-            run_expert_rank(spec, world)
-            outbox.put(("stopped", rank, None))
-            return
-        recorder = EventRecorder()
-        ranker = AttentionRank(
-            spec, world, lambda key, out: outbox.put(("out", rank, (key, out))), observer=recorder
-        )
-        ranker.start()
-        outbox.put(("ready", rank, None))
-        reported = 0.0
-        while True:
-            if time.monotonic() - reported >= METRICS_PERIOD_S:  # the front end's /metrics
-                outbox.put(("metrics", rank, (recorder.drain(), ranker.gauges())))
-                reported = time.monotonic()
-            try:
-                message = inbox.get(timeout=METRICS_PERIOD_S / 2)
-            except queue.Empty:
-                if ranker.loop.failure is not None:
-                    raise ranker.loop.failure from None
-                if not ranker.loop.alive:  # another rank stopped the world
-                    message = ("stop",)
-                else:
-                    continue
-            if message[0] == "submit":
-                ranker.submit(*message[1:])
-            elif message[0] == "abort":
-                ranker.abort(message[1])
-            elif message[0] == "stats":
-                outbox.put(("stats", rank, ranker.stats()))
-            else:
-                ranker.stop()
-                outbox.put(("metrics", rank, (recorder.drain(), ranker.gauges())))
-                outbox.put(("stopped", rank, None))
-                return
-    except BaseException as e:  # noqa: BLE001 - every failure is reported, then the process ends
-        outbox.put(("error", rank, f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"))
-        outbox.close()
-        outbox.join_thread()
-        os._exit(1)
 
 
 class EPFrontend:
@@ -132,7 +84,7 @@ class EPFrontend:
         def args_of(rank: int) -> tuple[Any, ...]:
             return (self.spec, self._inboxes[rank] if rank < attention else None, self._outbox)
 
-        self.ranks.start(_rank_main, args_of, daemon=True)
+        self.ranks.start(rank_main, args_of, daemon=True)
         self._pump_thread = threading.Thread(target=self._pump, name="moeserve-ep-frontend", daemon=True)
         self._pump_thread.start()
         return self
@@ -251,21 +203,12 @@ class EPFrontend:
             if not self._stopping and self.failure is None:
                 dead = self.ranks.first_exited(besides=-1)
                 if dead is not None:
-                    self._fail(f"{self.layout.describe(dead)} {exit_reason(self.ranks.exitcode(dead))}")
+                    self._fail(self.ranks.describe_exit(dead))
             if self.failure is not None:
                 return
 
-    def _root_cause(self, rank: int, message: str, grace_s: float = 0.3) -> str:
-        """A rank's error, led by the death of another rank if one died: that is the likelier cause."""
-        end = time.monotonic() + grace_s
-        while True:
-            dead = self.ranks.first_exited(besides=rank)
-            if dead is not None:
-                who = self.layout.describe(dead)
-                return f"{who} {exit_reason(self.ranks.exitcode(dead))}; then {message}"
-            if time.monotonic() > end:
-                return message
-            time.sleep(0.02)
+    def _root_cause(self, rank: int, message: str) -> str:
+        return self.ranks.lead_with_dead_peer(rank, message)
 
     def _deliver(self, rank: int, key: int, out: RequestOutput) -> None:
         if out.abort_cause == "failed":  # a rank's engine failed: a peer was lost, the instance is down
