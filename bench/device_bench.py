@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import active_weight_bytes  # noqa: E402
 
 from moeserve.workers.model.batch import ForwardBatch, SequenceStep  # noqa: E402
+from moeserve.workers.model.cuda_graphs import CudaGraphDecoder  # noqa: E402
 from moeserve.workers.model.kv_cache import PagedLatentCache  # noqa: E402
 from moeserve.workers.model.loader import load_model  # noqa: E402
 from moeserve.workers.model.random_checkpoint import PRESETS  # noqa: E402
@@ -44,7 +45,8 @@ from moeserve.workers.model.transformer import Transformer  # noqa: E402
 from moeserve.workers.offline.generate import make_cache  # noqa: E402
 
 BLOCK_SIZE = 64
-StepFn = Callable[[ForwardBatch, PagedLatentCache], torch.Tensor]
+StepFn = Callable[[ForwardBatch], torch.Tensor]
+StepFactory = Callable[[PagedLatentCache], StepFn]  # a decode step over one cache
 
 
 class MemoryReader:
@@ -114,24 +116,38 @@ def prompts(batch: int, length: int, vocab: int) -> torch.Tensor:
     return torch.randint(2, vocab, (batch, length), generator=gen)
 
 
-def eager_step(model: Transformer) -> StepFn:
-    return lambda batch, cache: model(batch, cache)
+def eager_step(model: Transformer) -> StepFactory:
+    """moeserve with --enforce-eager: every step through `Transformer.forward`."""
+    return lambda cache: lambda batch: model(batch, cache)
 
 
-def graph_step(model: Transformer, max_batch: int, max_context: int) -> StepFn | None:
-    """moeserve's CUDA-graph decode step, where this checkout has one (None: not yet)."""
-    return None
+def graph_step(model: Transformer, max_batch: int, max_context: int) -> StepFactory:
+    """moeserve's decode step through CUDA graphs (on the CPU: the same static step, no capture)."""
+
+    def make(cache: PagedLatentCache) -> StepFn:
+        decoder = CudaGraphDecoder(model, cache, max_batch, max_context)
+
+        def step(batch: ForwardBatch) -> torch.Tensor:
+            logits = decoder.decode(batch)
+            if logits is None:
+                raise RuntimeError(f"a decode step of {batch.num_seqs} sequences did not fit a graph")
+            return logits
+
+        return step
+
+    return make
 
 
 @torch.inference_mode()
 def ours_decode(
-    model: Transformer, step: StepFn, ids: torch.Tensor, new_tokens: int, warmup: int = 2
+    model: Transformer, make_step: StepFactory, ids: torch.Tensor, new_tokens: int, warmup: int = 2
 ) -> tuple[float, list[int]]:
-    """Seconds per decode step over `new_tokens` timed steps (prefill and warm-up excluded), and the
-    first sequence's generated ids."""
+    """Seconds per decode step over `new_tokens` timed steps (prefill and warm-up, which captures
+    the graphs, excluded), and the first sequence's generated ids."""
     device = model.device
     b, n = ids.shape
     cache = make_cache(model, [n + new_tokens + warmup + 1] * b, BLOCK_SIZE)
+    step = make_step(cache)
     seqs = [cache.new_sequence() for _ in range(b)]
     pending = [row.tolist() for row in ids]
     out: list[int] = []
@@ -144,7 +160,7 @@ def ours_decode(
             seq.reserve(cache.allocator, len(toks))
             steps.append(SequenceStep(toks, seq.num_tokens, seq.blocks))
         batch = ForwardBatch.build(steps, BLOCK_SIZE, device)
-        logits = step(batch, cache) if i > 0 else model(batch, cache)  # step 0: prefill, eager
+        logits = step(batch) if i > 0 else model(batch, cache)  # step 0: prefill, eager
         nxt = logits.argmax(-1).tolist()  # the host needs the tokens: this syncs
         if i > warmup:
             elapsed += time.perf_counter() - t0
@@ -241,6 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="moeserve-bench-"))
     (work / "config.json").write_text(json.dumps({**raw, "torch_dtype": "bfloat16"}))
     result: dict[str, Any] = {"preset": args.preset, "device": str(device), "dtype": "bfloat16"}
+    result["cuda_graphs"] = device.type == "cuda"  # elsewhere "graphs" runs the static step uncaptured
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
     t0 = time.perf_counter()
@@ -264,16 +281,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     decode: dict[int, dict[str, Any]] = {b: {"batch": b} for b in batches}
 
     peak_reset(device)
-    modes: dict[str, StepFn | None] = {
+    modes: dict[str, StepFactory] = {
         "moeserve_graphs": graph_step(ours, max(batches), max_context),
         "moeserve_eager": eager_step(ours),
     }
     ours_decode(ours, eager_step(ours), prompts(2, 16, raw["vocab_size"]), 2)  # one-off set-up out of the way
     for mode, step in modes.items():
         for b in batches:
-            if step is None:
-                decode[b][f"{mode}_tok_s"] = None
-                continue
             seconds, _ = ours_decode(ours, step, prompts(b, args.prompt, raw["vocab_size"]), args.new_tokens)
             decode[b][f"{mode}_tok_s"] = b / seconds
             print(f"  {mode:>16} batch {b:>3}: {b / seconds:10.1f} tok/s", flush=True)

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    gen.add_argument(
+        "--enforce-eager", action="store_true", help="on CUDA: run decode steps eagerly, without CUDA graphs"
+    )
     serve_cli.add_endpoint_arguments(gen)
     serve_cli.add_serve_parser(sub, sorted(DTYPES), default_model_path())
 
@@ -98,15 +102,31 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _print_outputs(
             args, prompts, ep_cli.generate(parser, args, path, prompts, DTYPES[args.dtype]), tokenizer
         )
+    device = _device(parser, args.device)
     try:
-        model = load_model(path, DTYPES[args.dtype])
+        model = load_model(path, DTYPES[args.dtype], device=device)
     except (ConfigError, CheckpointError) as e:
         parser.error(f"--model: {e}")
     vocab = model.config.vocab_size
     if any(t >= vocab for p in prompts for t in p):
         parser.error(f"--prompt-ids: token id out of range (vocab size {vocab})")
     settings = GenerationSettings(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    return _print_outputs(args, prompts, generate(model, prompts, settings), tokenizer)
+    outputs = generate(model, prompts, settings, enforce_eager=args.enforce_eager)
+    return _print_outputs(args, prompts, outputs, tokenizer)
+
+
+def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device: {name!r} is not a device (cpu, cuda, cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: {name!r}: moeserve runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def _print_outputs(

@@ -21,6 +21,20 @@ class SequenceStep:
     block_table: list[int]  # must cover cached + len(new_token_ids) tokens
 
 
+@dataclass(frozen=True)
+class DecodeInputs:
+    """A decode step as fixed-shape tensors (one token per sequence, B rows, padding included), all
+    the model reads in `Transformer.forward_decode`: no Python lists, nothing the host must read.
+    A padding row feeds token 0 at position 0 to slot 0 (block 0 is the reserved padding block)
+    with a context of 1."""
+
+    input_ids: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64
+    slots: torch.Tensor  # [B] int64
+    block_tables: torch.Tensor  # [B, nb] int64; entries past a context are never read
+    context_lens: torch.Tensor  # [B] int64, the new token included
+
+
 @dataclass
 class ForwardBatch:
     """Flattened inputs of a step. Dimension letters: T tokens, S sequences, B decode sequences."""
@@ -43,6 +57,14 @@ class ForwardBatch:
     def all_decode(self) -> bool:
         """Every sequence feeds one token, in order: decode rows are all rows."""
         return not self.prefill_seqs and self.decode_rows.numel() == self.num_tokens
+
+    def decode_inputs(self) -> DecodeInputs:
+        """This step as `DecodeInputs` (every sequence must be a decode sequence)."""
+        if not self.all_decode:
+            raise ValueError("decode_inputs needs a step of single-token sequences only")
+        return DecodeInputs(
+            self.input_ids, self.positions, self.slots, self.decode_block_tables, self.decode_context
+        )
 
     @property
     def num_tokens(self) -> int:

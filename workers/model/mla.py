@@ -5,6 +5,9 @@ Two paths over the same cache:
   ordinary causal attention;
 - absorbed (decode): fold W_UK into the query and W_UV after the attention, so attention is MQA
   over the cached `[c_KV ; k_pe]` rows and nothing per-head is ever materialised for the context.
+  On CUDA it reads the paged cache in place (Triton, `kernels/mla_decode.py`); on the CPU it
+  gathers the blocks and runs batched matmuls, the faster form there.
+`forward_decode` is the absorbed path alone with static shapes, for CUDA graphs.
 `attn_impl="naive"` forces the naive path everywhere; tests use it as the reference.
 Legend: T tokens, H heads, L context, B decode sequences, C kv_lora_rank, R rope dim,
 N nope dim, V value dim, D hidden.
@@ -18,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.workers.model.batch import ForwardBatch
+from moeserve.workers.kernels.mla_decode import num_splits, paged_mla_decode_for
+from moeserve.workers.model.batch import DecodeInputs, ForwardBatch
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.huge_pages import on_huge_pages
 from moeserve.workers.model.kv_cache import PagedLatentCache
@@ -63,18 +67,9 @@ class MLA(nn.Module):
         attn_impl: AttnImpl = "auto",
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, kv = self._input_projections(x)  # [T, H*(N+R)] or [T, q_lora_rank]; [T, C+R]
-        q = self.wq_b(self.q_norm(q)) if self.q_lora else q
-        q = q.view(t, self.n_heads, self.nope_dim + self.rope_dim)  # [T, H, N+R]
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        c_kv = self.kv_norm(kv[:, : self.kv_rank])
-        k_pe = kv[:, self.kv_rank :].view(t, 1, self.rope_dim)
         if batch.rope_tables is None:  # the same for every layer of this step
             batch.rope_tables = rope.tables(batch.positions)
-        qk_pe = rope(torch.cat([q_pe, k_pe], dim=1), batch.positions, batch.rope_tables)  # [T, H+1, R]
-        q_pe, k_pe = qk_pe[:, : self.n_heads], qk_pe[:, self.n_heads].contiguous()  # [T, H, R], [T, R]
-        cache.write(self.layer, batch.slots, torch.cat([c_kv, k_pe], dim=-1))
-
+        q_nope, q_pe = self._project(x, batch.positions, batch.rope_tables, batch.slots, cache, rope)
         out = x.new_empty(t, self.n_heads, self.v_dim)  # [T, H, V]
         naive_seqs = range(batch.num_seqs) if attn_impl == "naive" else batch.prefill_seqs
         for s in naive_seqs:
@@ -83,13 +78,58 @@ class MLA(nn.Module):
             latent = cache.gather(self.layer, batch.block_tables[s], context)  # [L, C+R]
             out[rows] = self._naive(q_nope[rows], q_pe[rows], latent, batch.cached[s])
         if attn_impl == "auto" and batch.decode_rows.numel():
-            latents = cache.gather_batch(self.layer, batch.decode_block_tables)  # [B, L, C+R]
-            if batch.all_decode:  # rows are the decode rows: no gather, no scatter
-                out = self._absorbed(q_nope, q_pe, latents, batch.decode_padding)
+            rows_t = batch.decode_rows
+            q_nope_d, q_pe_d = (q_nope, q_pe) if batch.all_decode else (q_nope[rows_t], q_pe[rows_t])
+            if x.is_cuda:  # the paged kernel reads the blocks in place
+                tables = batch.decode_block_tables
+                splits = num_splits(tables.shape[0], self.n_heads, tables.shape[1] * cache.block_size)
+                o = self._absorbed_paged(q_nope_d, q_pe_d, cache, tables, batch.decode_context, splits)
             else:
-                rows_t = batch.decode_rows
-                out[rows_t] = self._absorbed(q_nope[rows_t], q_pe[rows_t], latents, batch.decode_padding)
+                latents = cache.gather_batch(self.layer, batch.decode_block_tables)  # [B, L, C+R]
+                o = self._absorbed(q_nope_d, q_pe_d, latents, batch.decode_padding)
+            if batch.all_decode:  # rows are the decode rows: no scatter
+                out = o
+            else:
+                out[rows_t] = o
         return self.wo(out.reshape(t, self.n_heads * self.v_dim))
+
+    def forward_decode(
+        self,
+        x: torch.Tensor,
+        inputs: DecodeInputs,
+        tables: torch.Tensor,
+        cache: PagedLatentCache,
+        rope: RotaryEmbedding,
+        splits: int,
+    ) -> torch.Tensor:
+        """One token per sequence, static shapes, no host sync (CUDA-graph capturable): the paged
+        absorbed attention (Triton on CUDA, its torch form elsewhere). x [B, D] -> [B, D]."""
+        b = x.shape[0]
+        q_nope, q_pe = self._project(x, inputs.positions, tables, inputs.slots, cache, rope)
+        out = self._absorbed_paged(q_nope, q_pe, cache, inputs.block_tables, inputs.context_lens, splits)
+        return self.wo(out.reshape(b, self.n_heads * self.v_dim))
+
+    def _project(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        tables: torch.Tensor,
+        slots: torch.Tensor,
+        cache: PagedLatentCache,
+        rope: RotaryEmbedding,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query halves q_nope [T, H, N], rotated q_pe [T, H, R]; writes [c_KV ; k_pe] to the cache."""
+        t = x.shape[0]
+        q, kv = self._input_projections(x)  # [T, H*(N+R)] or [T, q_lora_rank]; [T, C+R]
+        q = self.wq_b(self.q_norm(q)) if self.q_lora else q
+        q = q.view(t, self.n_heads, self.nope_dim + self.rope_dim)  # [T, H, N+R]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        c_kv = self.kv_norm(kv[:, : self.kv_rank])
+        k_pe = kv[:, self.kv_rank :].view(t, 1, self.rope_dim)
+        qk_pe = rope(torch.cat([q_pe, k_pe], dim=1), positions, tables)  # [T, H+1, R]
+        q_pe, k_pe = qk_pe[:, : self.n_heads], qk_pe[:, self.n_heads].contiguous()  # [T, H, R], [T, R]
+        cache.write(self.layer, slots, torch.cat([c_kv, k_pe], dim=-1))
+        return q_nope, q_pe
 
     def _input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two projections of x (query side, compressed KV) as one matmul once fused."""
@@ -156,4 +196,24 @@ class MLA(nn.Module):
         scores = scores.masked_fill(padding, float("-inf"))
         probs = scores.softmax(dim=-1).to(latents.dtype)
         o_lat = torch.bmm(probs, latents[..., : self.kv_rank])  # [B, H, C]
+        return torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, H, V]: W_UV applied after
+
+    def _absorbed_paged(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        cache: PagedLatentCache,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        splits: int,
+    ) -> torch.Tensor:
+        """Decode straight from the paged cache: q [B, H, *], block_tables [B, nb], context_lens [B].
+        -> [B, H, V]."""
+        w_uk, w_uv_t = self._absorbed_weights()
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, C]: W_UK absorbed
+        q_full = torch.cat([q_lat, q_pe], dim=-1)  # [B, H, C+R]
+        decode = paged_mla_decode_for(q_full.device)
+        o_lat = decode(
+            q_full, cache.layers[self.layer], block_tables, context_lens, self.scale, self.kv_rank, splits
+        )
         return torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, H, V]: W_UV applied after

@@ -2,7 +2,8 @@
 
 The router runs all three top-k methods (`greedy`, `group_limited_greedy`, V3's `noaux_tc` whose
 `e_score_correction_bias` affects selection only). Routed experts run as grouped matmuls over the
-tokens sorted by expert: one matmul per hosted expert with tokens, never a Python loop over tokens.
+tokens sorted by expert: one matmul per hosted expert with tokens, never a Python loop over tokens;
+on CUDA as the fused Triton kernels (`kernels/fused_moe.py`: no loop over experts, no host sync).
 Where the routed experts live is not this module's business: `MoE.forward` hands the routing to a
 `RoutedExecutor` (`LocalRoutedExecutor` here; an all-to-all one for expert parallelism).
 Legend: T tokens, K experts per token, E experts, D hidden, I expert intermediate.
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.workers.kernels.fused_moe import fused_moe, fused_moe_for
 from moeserve.workers.model.config import ModelConfig
 
 
@@ -196,6 +198,8 @@ class LocalRoutedExecutor:
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         experts = self.experts_by_layer[layer]
+        if x.is_cuda:  # fused kernels: no loop over experts, no host sync
+            return fused_moe(x, experts.w13, experts.w2, ids, weights)
         if x.shape[0] == 1:  # a token's top-k experts are distinct: nothing to group
             return experts.forward_token(x, ids[0], weights[0])
         order, token, counts = sort_by_expert(ids, len(experts.expert_ids))
@@ -225,6 +229,15 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, routed: RoutedExecutor) -> torch.Tensor:
         return self.start(x, routed).wait()
+
+    def forward_local(self, x: torch.Tensor) -> torch.Tensor:
+        """Router + this module's own routed experts + shared experts with static shapes and no host
+        sync (the fused kernels on CUDA, their torch form elsewhere): the CUDA-graph decode step."""
+        if self.experts is None:
+            raise ValueError(f"MoE layer {self.layer} holds no routed experts (an attention rank)")
+        weights, ids = self.gate(x)
+        y = fused_moe_for(x.device)(x, self.experts.w13, self.experts.w2, ids, weights)
+        return y if self.shared_experts is None else y + self.shared_experts(x)
 
     def start(self, x: torch.Tensor, routed: RoutedExecutor) -> PendingMoE:
         """Route x; with a split-phase executor the shared experts run while the tokens are away."""

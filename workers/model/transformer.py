@@ -3,16 +3,20 @@
 One `forward` serves prefill, chunked prefill and decode alike: it takes a `ForwardBatch` of
 flattened tokens and the paged latent cache, and returns logits. Routed experts are reached through
 a `RoutedExecutor`, so the same module runs single-process (local experts) or as an attention rank
-(all-to-all to expert ranks). The model never samples, schedules or tokenizes.
+(all-to-all to expert ranks). `forward_decode` is the decode step alone with static shapes and no
+host sync (local experts only), what CUDA graphs capture. The model never samples, schedules or
+tokenizes.
 Legend: T tokens, S sequences, D hidden, V vocab.
 """
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
-from moeserve.workers.model.batch import ForwardBatch
+from moeserve.workers.model.batch import DecodeInputs, ForwardBatch
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.kv_cache import PagedLatentCache
 from moeserve.workers.model.mla import MLA, AttnImpl
@@ -93,6 +97,10 @@ class Transformer(nn.Module):
         self.attn_impl: AttnImpl = "auto"
 
     @property
+    def blocks(self) -> list[Block]:
+        return cast("list[Block]", list(self.layers))
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
@@ -131,3 +139,23 @@ class Transformer(nn.Module):
         if not all_logits:
             x = x[batch.last_token_rows]  # [S, D]
         return self.head(self.norm(x)).float()
+
+    def forward_decode(self, inputs: DecodeInputs, cache: PagedLatentCache, splits: int = 1) -> torch.Tensor:
+        """A decode step with static shapes and no host sync, local routed experts only: logits
+        [B, V] fp32, one row per input row. What CUDA graphs capture (`cuda_graphs.py`); on the CPU
+        it compiles with `torch.compile(fullgraph=True)`. `splits`: the paged attention's split of
+        each context (a static launch size). Callers run it under `torch.inference_mode()` or
+        `torch.no_grad()` (the compiler does not trace inference mode)."""
+        x = self.embed(inputs.input_ids)  # [B, D]
+        tables = self.rope.tables(inputs.positions)  # [B, 1, R/2], once for every layer
+        for block in self.blocks:
+            x = x + block.attn.forward_decode(block.attn_norm(x), inputs, tables, cache, self.rope, splits)
+            h = block.ffn_norm(x)
+            x = x + (block.ffn.forward_local(h) if isinstance(block.ffn, MoE) else block.ffn(h))
+        return self.head(self.norm(x)).float()
+
+    def prepare_decode(self) -> None:
+        """Build what decode derives from the weights once (absorbed W_UK / W_UV), outside any
+        graph capture or compilation."""
+        for block in self.blocks:
+            block.attn._absorbed_weights()

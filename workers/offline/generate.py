@@ -22,6 +22,7 @@ import torch
 
 from moeserve.workers.engine.sampler import MAX_TEMPERATURE, MIN_TEMPERATURE
 from moeserve.workers.model.batch import ForwardBatch, SequenceStep
+from moeserve.workers.model.cuda_graphs import CudaGraphDecoder
 from moeserve.workers.model.kv_cache import PagedLatentCache
 from moeserve.workers.model.moe import RoutedExecutor
 from moeserve.workers.model.transformer import Transformer
@@ -83,15 +84,21 @@ def generate_lockstep(
     block_size: int = 16,
     record_logits: bool = False,
     on_step: Callable[[int], None] | None = None,
+    cuda_graphs: bool = False,
 ) -> LockstepResult:
     """Generate for this rank's prompts (possibly none) while the world has work.
 
-    `on_step(i)` runs as step i begins, after the step-control collective (step 0 is the prefill)."""
+    `on_step(i)` runs as step i begins, after the step-control collective (step 0 is the prefill).
+    `cuda_graphs` (single process, `routed` the model's own experts, a CUDA model): decode steps
+    replay CUDA graphs of `Transformer.forward_decode`; prefill and mixed steps stay eager."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.device
     lengths = [len(p) + settings.max_tokens for p in prompts]
     cache = make_cache(model, lengths or [1], block_size)  # an idle rank still needs a (tiny) cache
+    graphs = None
+    if cuda_graphs and world is None and prompts:
+        graphs = CudaGraphDecoder(model, cache, max_batch=len(prompts), max_context=max(lengths))
     generator = None
     if settings.seed is not None:  # one stream per attention rank
         generator = torch.Generator(device=device).manual_seed(settings.seed + (world.rank if world else 0))
@@ -118,8 +125,10 @@ def generate_lockstep(
         if on_step is not None:
             on_step(result.steps)
         result.steps += 1
-        if micro == 1:  # the no-split path: the model's own forward
-            logits = model(ForwardBatch.build(steps, block_size, device), cache, routed)
+        if micro == 1:  # the no-split path: a decode step's graph, else the model's own forward
+            batch = ForwardBatch.build(steps, block_size, device)
+            graphed = graphs.decode(batch) if graphs is not None else None
+            logits = graphed if graphed is not None else model(batch, cache, routed)
         else:
             parts = [ForwardBatch.build(p, block_size, device) for p in split_steps(steps, micro)]
             logits = torch.cat(forward_micro_batches(model, parts, cache, routed))  # [S, V]
@@ -151,7 +160,12 @@ def generate(
     settings: GenerationSettings,
     routed: RoutedExecutor | None = None,
     block_size: int = 16,
+    enforce_eager: bool = False,
 ) -> list[list[int]]:
-    """Generated ids (prompt excluded) for each prompt, decoded as one batch in this process."""
+    """Generated ids (prompt excluded) for each prompt, decoded as one batch in this process. On a
+    CUDA device with its own experts, decode steps replay CUDA graphs unless `enforce_eager`."""
+    graphs = routed is None and model.device.type == "cuda" and not enforce_eager
     routed = routed or model.local_executor()
-    return generate_lockstep(model, prompts, settings, routed, block_size=block_size).token_ids
+    return generate_lockstep(
+        model, prompts, settings, routed, block_size=block_size, cuda_graphs=graphs
+    ).token_ids

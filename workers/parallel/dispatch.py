@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from moeserve.workers.kernels.fused_moe import fused_moe
 from moeserve.workers.model.moe import RoutedExperts, combine, sort_by_expert
 from moeserve.workers.parallel.placement import ExpertPlacement
 from moeserve.workers.parallel.world import EPWorld, StepControl
@@ -226,11 +227,14 @@ class ExpertServer:
             t0 = stats.add("receive", t0)
         n_local = len(experts.expert_ids)
         bucket = torch.where(local < 0, n_local, local.long())  # [M, K]; bucket n_local: not ours
-        order, token, counts = sort_by_expert(bucket, n_local + 1)
-        pairs = sum(counts[:n_local])  # the foreign bucket sorts last
-        order, token = order[:pairs], token[:pairs]
-        y = experts.forward_sorted(xs[token], counts[:n_local])  # [P, D]
-        partial = combine(y, order, token, w, m)  # [M, D] each token's weighted sum over our experts
+        if xs.is_cuda:  # fused kernels: foreign pairs (bucket n_local) add nothing
+            partial = fused_moe(xs, experts.w13, experts.w2, bucket, w, foreign=True)  # [M, D]
+        else:
+            order, token, counts = sort_by_expert(bucket, n_local + 1)
+            pairs = sum(counts[:n_local])  # the foreign bucket sorts last
+            order, token = order[:pairs], token[:pairs]
+            y = experts.forward_sorted(xs[token], counts[:n_local])  # [P, D]
+            partial = combine(y, order, token, w, m)  # [M, D] each token's weighted sum over our experts
         if stats is not None:
             t0 = stats.add("expert", t0)
         self._drain()
