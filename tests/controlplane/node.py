@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -369,7 +370,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                 self._ctr_stdin(tar, "images", "import", "-")
             finally:
                 tar.wait(timeout=60)
-            print(f"real node: imported {image.ref} in {time.monotonic() - started:.0f}s", flush=True)
+            print(f"real node: imported {image.ref} in {time.monotonic() - started:.0f}s", file=sys.stderr)
         present = set(self._ctr("images", "list", "--quiet").stdout.split())
         # Older builds of the same images (an earlier checkout's hash): their layers would pile up.
         wanted = {self.images[n].ref for n in ("pause", *self.wanted_images)}
