@@ -9,12 +9,18 @@ prerequisite hook.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path[:0] = [str(TESTS), str(TESTS / "kernels")]
 
-from conftest import reference_checkpoints, reference_models  # noqa: E402
+# the root conftest as a plain module (its pytest_configure hook is not registered from here)
+_spec = importlib.util.spec_from_file_location("moeserve_tests_conftest", TESTS / "conftest.py")
+assert _spec is not None and _spec.loader is not None
+_root = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_root)
 
-__all__ = ["reference_checkpoints", "reference_models"]
+reference_checkpoints = _root.reference_checkpoints
+reference_models = _root.reference_models
