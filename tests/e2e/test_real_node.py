@@ -59,13 +59,14 @@ def _pod(name: str, image: str, command: list[str], labels: dict[str, str], prob
     }
 
 
-def _wait_ready(core: client.CoreV1Api, namespace: str, names: list[str]) -> dict[str, client.V1Pod]:
-    def ready() -> dict[str, client.V1Pod] | None:
+def _wait_ready(core: Any, namespace: str, names: list[str]) -> dict[str, Any]:
+    def ready() -> dict[str, Any]:
+        """The pods once all are Ready, else {} (not yet)."""
         pods = {n: core.read_namespaced_pod(n, namespace) for n in names}
         for pod in pods.values():
             conditions = pod.status.conditions or []
             if not any(c.type == "Ready" and c.status == "True" for c in conditions):
-                return None
+                return {}
         return pods
 
     return wait_until(
@@ -84,7 +85,7 @@ def _get(url: str) -> str:
 def test_node_is_real(
     e2e_cluster: ControlPlane, e2e_client: client.ApiClient, images: dict[str, str]
 ) -> None:
-    node = client.CoreV1Api(e2e_client).read_node(NODE_NAME)
+    node: Any = client.CoreV1Api(e2e_client).read_node(NODE_NAME)
     info = node.status.node_info
     assert info.kubelet_version == "v1.37.2"
     assert info.kube_proxy_version in ("", "v1.37.2")  # deprecated field, may be empty
@@ -96,14 +97,14 @@ def test_node_is_real(
         images["pause"] in node_images and images["base"] in node_images and images["moeserve"] in node_images
     )
     # The in-cluster `kubernetes` Service points at the apiserver on the node's address.
-    endpoints = client.CoreV1Api(e2e_client).read_namespaced_endpoints("kubernetes", "default")
+    endpoints: Any = client.CoreV1Api(e2e_client).read_namespaced_endpoints("kubernetes", "default")
     assert [a.ip for subset in endpoints.subsets for a in subset.addresses] == [NODE_IP]
 
 
 def test_pods_services_dns_logs_exec(
     e2e_client: client.ApiClient, kubectl: Kubectl, namespace: str, images: dict[str, str]
 ) -> None:
-    core = client.CoreV1Api(e2e_client)
+    core: Any = client.CoreV1Api(e2e_client)  # models type every field Optional
     base = images["base"]
     for name in ("server-a", "server-b"):
         core.create_namespaced_pod(
