@@ -20,6 +20,7 @@ REQUIRED_MODULES: dict[str, str] = {
     "grpc_tools": "dev",
     "psutil": "dev",
     "cryptography": "dev",
+    "openai": "dev",
     "kopf": "operator",
     "kubernetes": "operator",
     "urllib3": "operator",

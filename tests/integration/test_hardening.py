@@ -275,7 +275,7 @@ def start_serve(checkpoint: Path, *flags: str) -> tuple[subprocess.Popen[str], i
             "--host",
             "127.0.0.1",
         ]
-        + ["--port", "0", "--no-metrics", "--max-model-len", "256", *flags],
+        + ["--port", "0", "--no-metrics", "--http-port", "0", "--max-model-len", "256", *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -34,7 +34,18 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def served(serving_checkpoint: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "moeserve.workers.cli.main", "serve", "--model", str(serving_checkpoint)]
-        + ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--max-model-len", "256"],
+        + [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+            "--max-model-len",
+            "256",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

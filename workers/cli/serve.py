@@ -18,6 +18,8 @@ from pathlib import Path
 from moeserve import contract, extras
 from moeserve.engine_settings import EngineSettings, RequestLimits
 
+DEFAULT_HTTP_PORT = 8000
+
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
@@ -48,6 +50,22 @@ def add_serve_parser(sub: argparse._SubParsersAction, dtypes: list[str], default
         help=f"Prometheus port (default {contract.DEFAULT_METRICS_PORT}; 0 picks a free one)",
     )
     serve.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help=f"OpenAI HTTP API port (default {DEFAULT_HTTP_PORT}; 0 picks a free one)",
+    )
+    serve.add_argument("--no-http", action="store_true", help="serve no OpenAI HTTP API")
+    serve.add_argument(
+        "--served-model-name", default=None, help="model name of the HTTP API (default: --model's name)"
+    )
+    serve.add_argument(
+        "--chat-template",
+        type=Path,
+        default=None,
+        help="jinja2 chat template file (default: chat_template of the model's tokenizer_config.json)",
+    )
     serve.add_argument("--dtype", choices=dtypes, default="float32")
     serve.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
     serve.add_argument("--kv-cache-tokens", type=int, default=d.kv_cache_tokens, help="KV-cache capacity")
@@ -159,6 +177,33 @@ def engine_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     return settings
 
 
+def http_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> object:
+    """`HTTPOptions` from --http-port/--no-http/--served-model-name/--chat-template; None: no HTTP."""
+    from moeserve.workers.server.openai_api.chat_template import ChatTemplate, ChatTemplateError
+    from moeserve.workers.server.openai_api.routes import HTTPOptions
+
+    if args.no_http:
+        for flag, value in (("--http-port", args.http_port), ("--chat-template", args.chat_template)):
+            if value is not None:
+                parser.error(f"{flag}: not with --no-http")
+        return None
+    if args.ray and args.http_port is not None:
+        parser.error("--http-port: the OpenAI HTTP API is not served with --ray yet")
+    if args.ray:
+        return None
+    port = DEFAULT_HTTP_PORT if args.http_port is None else args.http_port
+    if not 0 <= port <= 65535:
+        parser.error(f"--http-port: must be in [0, 65535], got {port}")
+    if args.chat_template is not None and not args.chat_template.is_file():
+        parser.error(f"--chat-template: no file {args.chat_template}")
+    try:
+        template = ChatTemplate.from_model_dir(args.model, args.chat_template)
+    except (ChatTemplateError, ValueError, OSError) as e:
+        flag = "--chat-template" if args.chat_template is not None else "--model"
+        parser.error(f"{flag}: {e}")
+    return HTTPOptions(port, args.served_model_name or None, template)
+
+
 def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes: dict[str, object]) -> int:
     from moeserve.workers.server.app import InferenceServer, Listen, local_loader, serve
 
@@ -173,10 +218,13 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
 
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    listen = Listen(args.host, args.port, None if args.no_metrics else args.metrics_port, tls)  # type: ignore[arg-type]
+    http = http_options(parser, args)
+    listen = Listen(args.host, args.port, None if args.no_metrics else args.metrics_port, tls, http)  # type: ignore[arg-type]
 
     def announce(server: InferenceServer) -> None:
         metrics = f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""
+        if server.http_port is not None:
+            metrics += f", OpenAI HTTP API on :{server.http_port}"
         scheme = " (TLS)" if tls is not None else ""
         print(
             f"moeserve: listening on {args.host}:{server.port}{scheme}{metrics}; loading {args.model}",

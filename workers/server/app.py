@@ -1,6 +1,7 @@
 """Serving process assembly: load a model into an engine, build the gRPC server, run, stop gracefully.
 
-`create_server(address, state)` is the gRPC factory (Inference + Health, bound, not started).
+With `Listen.http`, the OpenAI HTTP API (`openai_api`) serves beside gRPC on the same state and
+engine. `create_server(address, state)` is the gRPC factory (Inference + Health, bound, not started).
 `InferenceServer` owns the lifecycle: it listens at once with health NOT_SERVING, loads the model in
 a worker thread, turns SERVING when the engine runs, and NOT_SERVING if the engine fails. `serve()`
 runs it until SIGTERM/SIGINT; `BackgroundServer` runs it on a thread (tests, benchmarks).
@@ -32,6 +33,8 @@ from moeserve.workers.engine.runner import LocalModelRunner
 from moeserve.workers.model.tokenizer import Tokenizer
 from moeserve.workers.server.convert import model_info
 from moeserve.workers.server.metrics import ServingMetrics
+from moeserve.workers.server.openai_api.http_server import HTTPServer
+from moeserve.workers.server.openai_api.routes import HTTPOptions, create_app
 from moeserve.workers.server.servicer import (
     Backend,
     InferenceServicer,
@@ -114,6 +117,7 @@ class Listen:
     port: int = contract.DEFAULT_GRPC_PORT
     metrics_port: int | None = contract.DEFAULT_METRICS_PORT  # None: no metrics endpoint
     tls: TLSFiles | None = None  # None: plaintext gRPC
+    http: HTTPOptions | None = None  # None: no OpenAI HTTP API
 
 
 class InferenceServer:
@@ -127,6 +131,8 @@ class InferenceServer:
         self.health = health_aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http: HTTPServer | None = None
         self.loaded = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._metrics_http: object | None = None
@@ -148,6 +154,11 @@ class InferenceServer:
             )
             self._metrics_http = http
             self.metrics_port = int(http.server_port)
+        if self.listen.http is not None:  # the OpenAI API, on the same state and engine as gRPC
+            app = create_app(self.state, self.metrics.registry, self.listen.http)
+            self._http = HTTPServer(app, self.listen.host, self.listen.http.port)
+            await self._http.start()
+            self.http_port = self._http.port
         self._load_task = asyncio.create_task(self._load())
 
     async def _load(self) -> None:
@@ -190,6 +201,8 @@ class InferenceServer:
             await self._server.stop(0)  # cancels what is left, Health/Watch streams included
         if stopping is not None:
             await stopping
+        if self._http is not None:
+            await self._http.stop(STOP_MARGIN_S)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         if self._metrics_http is not None:
@@ -220,8 +233,15 @@ async def serve(
 class BackgroundServer:
     """An InferenceServer on its own thread and event loop; `with BackgroundServer(...) as s: s.port`."""
 
-    def __init__(self, loader: Loader, host: str = "127.0.0.1", metrics: bool = True, grace: float = 2.0):
-        self.listen = Listen(host, 0, 0 if metrics else None)
+    def __init__(
+        self,
+        loader: Loader,
+        host: str = "127.0.0.1",
+        metrics: bool = True,
+        grace: float = 2.0,
+        http: HTTPOptions | None = None,
+    ):
+        self.listen = Listen(host, 0, 0 if metrics else None, http=http)
         self.loader = loader
         self.grace = grace
         self.loop = asyncio.new_event_loop()
