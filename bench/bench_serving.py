@@ -1,4 +1,5 @@
-"""Serving benchmark: moeserve over gRPC under Poisson load vs `transformers` static batches.
+"""Serving benchmark: moeserve over gRPC (or its OpenAI HTTP API) under Poisson load vs
+`transformers` static batches.
 
 As vLLM's serving benchmark: requests with random prompts arrive at each given rate (Poisson; `inf`
 sends them all at once), at most `--max-concurrency` in flight; we report request and output-token
@@ -10,6 +11,12 @@ request's own tokens count), and the ratios are printed.
     python bench/bench_serving.py --preset bench --threads 1        # the issue's target run
     python bench/bench_serving.py --preset tiny --num-prompts 32     # a quick smoke run
     python bench/bench_serving.py --model DIR --rates 1,4,inf
+    python bench/bench_serving.py --preset tiny --backend grpc,openai --skip-transformers   # HTTP overhead
+
+`--backend` picks the API the same load generator drives: `grpc`, `openai` (streamed
+/v1/completions with the official `openai` async client; one SSE chunk per engine step, tokens
+counted from `usage`), or both in turn on the same server; with both, the openai/grpc ratios of
+output tok/s and TTFT are printed.
 
 The server runs as a `moeserve serve` subprocess; this is a script, not a test.
 """
@@ -106,9 +113,11 @@ def make_workload(args: argparse.Namespace, vocab: int) -> list[tuple[list[int],
 
 
 # ---------------------------------------------------------------- moeserve over gRPC
-def start_server(args: argparse.Namespace, model: Path, max_len: int) -> tuple[subprocess.Popen[str], str]:
+def start_server(
+    args: argparse.Namespace, model: Path, max_len: int
+) -> tuple[subprocess.Popen[str], str, str]:
     cmd = [sys.executable, "-m", "moeserve.workers.cli.main", "serve", "--model", str(model)]
-    cmd += ["--dtype", args.dtype, "--host", "127.0.0.1", "--port", "0", "--no-metrics"]
+    cmd += ["--dtype", args.dtype, "--host", "127.0.0.1", "--port", "0", "--no-metrics", "--http-port", "0"]
     cmd += ["--max-model-len", str(max_len), "--max-num-seqs", str(args.max_concurrency)]
     cmd += ["--max-num-batched-tokens", str(args.max_batched_tokens)]
     cmd += ["--kv-cache-tokens", str(args.max_concurrency * max_len)]
@@ -116,7 +125,7 @@ def start_server(args: argparse.Namespace, model: Path, max_len: int) -> tuple[s
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
-    match = re.search(r"listening on \S+:(\d+)", proc.stdout.readline())
+    match = re.search(r"listening on \S+:(\d+).*OpenAI HTTP API on :(\d+)", proc.stdout.readline())
     if not match:
         proc.kill()
         raise SystemExit("server did not start")
@@ -124,7 +133,7 @@ def start_server(args: argparse.Namespace, model: Path, max_len: int) -> tuple[s
     with InferenceClient(address) as client:
         client.wait_serving(timeout=600)
         client.generate(build_request(prompt_token_ids=[2, 3, 4], max_tokens=4, ignore_eos=True))  # warm-up
-    return proc, address
+    return proc, address, f"http://127.0.0.1:{match.group(2)}/v1"
 
 
 async def one_request(stub: pb_grpc.InferenceStub, prompt: list[int], out_len: int) -> Record:
@@ -140,16 +149,51 @@ async def one_request(stub: pb_grpc.InferenceStub, prompt: list[int], out_len: i
     return Record(start, times, n)
 
 
+async def one_openai_request(client: object, prompt: list[int], out_len: int) -> Record:
+    start = time.perf_counter()
+    times: list[float] = []
+    n = 0
+    stream = await client.completions.create(  # type: ignore[attr-defined]
+        model=None,
+        prompt=prompt,
+        max_tokens=out_len,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        if chunk.choices:  # one chunk per engine step (its text may be empty: UTF-8 held back)
+            times.append(time.perf_counter())
+        if chunk.usage is not None:
+            n = chunk.usage.completion_tokens
+    return Record(start, times, n)
+
+
 async def poisson_run(
-    address: str, workload: list[tuple[list[int], int]], rate: float, max_concurrency: int, seed: int
+    address: str,
+    workload: list[tuple[list[int], int]],
+    rate: float,
+    max_concurrency: int,
+    seed: int,
+    http_url: str | None = None,
 ) -> tuple[list[Record], float]:
+    """The workload against gRPC at `address`, or against the OpenAI API at `http_url` if given."""
     rng = random.Random(seed)
     limit = asyncio.Semaphore(max_concurrency)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.InferenceStub(channel)
+        api = None
+        if http_url is not None:
+            import openai
+
+            # its default pool (100 keep-alive connections) covers --max-concurrency
+            api = openai.AsyncOpenAI(base_url=http_url, api_key="none", max_retries=0, timeout=600)
 
         async def guarded(prompt: list[int], out_len: int) -> Record:
             async with limit:
+                if api is not None:
+                    return await one_openai_request(api, prompt, out_len)
                 return await one_request(stub, prompt, out_len)
 
         begin = time.perf_counter()
@@ -159,7 +203,10 @@ async def poisson_run(
             if rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(rate))
         records = await asyncio.gather(*tasks)
-        return list(records), time.perf_counter() - begin
+        duration = time.perf_counter() - begin
+        if api is not None:
+            await api.close()
+        return list(records), duration
 
 
 # ---------------------------------------------------------------- transformers, static batches
@@ -239,6 +286,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument(
+        "--backend", default="grpc", help="API(s) to drive, comma-separated: grpc, openai (default grpc)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the summaries here")
     return p.parse_args()
 
@@ -265,15 +315,21 @@ def main() -> int:
             flush=True,
         )
         summaries: list[Summary] = []
-        proc, address = start_server(args, model, max_len)
+        backends = args.backend.split(",")
+        if not set(backends) <= {"grpc", "openai"}:
+            raise SystemExit(f"--backend: grpc or openai, got {args.backend}")
+        proc, address, http_url = start_server(args, model, max_len)
         try:
             for rate_text in args.rates.split(","):
                 rate = float(rate_text)
-                records, duration = asyncio.run(
-                    poisson_run(address, workload, rate, args.max_concurrency, args.seed)
-                )
-                summaries.append(summarize(f"moeserve rate {rate_text}/s", records, duration))
-                print(format_row(summaries[-1]), flush=True)
+                for backend in backends:
+                    url = http_url if backend == "openai" else None
+                    records, duration = asyncio.run(
+                        poisson_run(address, workload, rate, args.max_concurrency, args.seed, url)
+                    )
+                    name = "moeserve" if backend == "grpc" else "moeserve openai"
+                    summaries.append(summarize(f"{name} rate {rate_text}/s", records, duration))
+                    print(format_row(summaries[-1]), flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
@@ -296,6 +352,15 @@ def format_row(s: Summary) -> str:
 
 def print_report(summaries: list[Summary]) -> None:
     print("\n" + "\n".join(format_row(s) for s in summaries))
+    by_name = {s.name: s for s in summaries}
+    for s in summaries:
+        grpc_run = by_name.get(s.name.replace("moeserve openai", "moeserve"))
+        if s.name.startswith("moeserve openai") and grpc_run is not None:
+            print(
+                f"{s.name} / gRPC: output tok/s {s.out_tok_per_s / grpc_run.out_tok_per_s:.3f}x, "
+                f"TTFT p50 {s.ttft_p50_ms / grpc_run.ttft_p50_ms:.3f}x, "
+                f"p99 {s.ttft_p99_ms / grpc_run.ttft_p99_ms:.3f}x"
+            )
     hf = [s for s in summaries if s.name.startswith("transformers")]
     if not hf:
         return
