@@ -355,7 +355,7 @@ def test_not_serving_is_503(tmp_path: Path) -> None:
         assert status == 503 and "no such model" in answer["error"]["message"]  # type: ignore[index]
 
 
-def test_queue_full_is_429_and_disconnect_frees_blocks(serving_checkpoint: Path) -> None:
+def test_queue_full_is_429_and_disconnects_free_blocks(serving_checkpoint: Path) -> None:
     settings = EngineSettings(max_num_seqs=1, max_waiting=1, max_model_len=256)
     loader = slowed(local_loader(serving_checkpoint, torch.float32, settings), 0.01)
     with BackgroundServer(loader, http=HTTPOptions(0)) as server:
@@ -375,5 +375,12 @@ def test_queue_full_is_429_and_disconnect_frees_blocks(serving_checkpoint: Path)
         metrics = scrape(server)
         assert metrics["moeserve_requests_running"] == 0
         assert metrics['moeserve_requests_total{finish_reason="abort"}'] == 2
+        # a client of a non-streamed request that leaves frees its blocks as well
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps(long), {"Content-Type": "application/json"})
+        wait_until(lambda: scrape(server)["moeserve_kv_blocks_used"] > 0, timeout=30)
+        conn.close()
+        wait_until(lambda: scrape(server)["moeserve_kv_blocks_used"] == 0, timeout=30)
+        assert scrape(server)['moeserve_requests_total{finish_reason="abort"}'] == 3
         status, answer = call(url, {"prompt": [3], "max_tokens": 2})
         assert status == 200 and answer["choices"][0]["finish_reason"] == "length"  # type: ignore[index]

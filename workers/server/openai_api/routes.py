@@ -49,6 +49,13 @@ async def read_body(request: Request) -> list[bytes]:
     return chunks
 
 
+async def disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body is read already, so the next
+    ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(state: ServingState, registry: CollectorRegistry, config: HTTPOptions) -> FastAPI:
     app = FastAPI(title="moeserve", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -92,12 +99,23 @@ def create_app(state: ServingState, registry: CollectorRegistry, config: HTTPOpt
         if generation.prepared.request.stream:
             return StreamingResponse(stream(generation, builder), media_type="text/event-stream")
         choices = [ChoiceText() for _ in generation.prepared.choices]
-        async for index, out in generation.outputs():
-            c = choices[index]
-            c.text += out.text
-            c.token_ids.extend(out.token_ids)
-            c.logprobs.extend(out.logprobs)
-            c.finish_reason = out.finish_reason
+
+        async def gather() -> None:
+            async for index, out in generation.outputs():
+                c = choices[index]
+                c.text += out.text
+                c.token_ids.extend(out.token_ids)
+                c.logprobs.extend(out.logprobs)
+                c.finish_reason = out.finish_reason
+
+        gathering = asyncio.create_task(gather())
+        left = asyncio.create_task(disconnected(request))
+        await asyncio.wait({gathering, left}, return_when=asyncio.FIRST_COMPLETED)
+        left.cancel()
+        if not gathering.done():  # the client left: cancelling aborts its requests
+            gathering.cancel()
+            return Response(status_code=499)
+        gathering.result()  # raises an ApiError that ended it
         body = await asyncio.to_thread(builder.whole, choices)
         return Response(body, media_type="application/json")
 
