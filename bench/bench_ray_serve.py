@@ -77,7 +77,7 @@ def run_server(name: str, extra: list[str], model: Path, args: argparse.Namespac
         "--port",
         str(port),
     ]
-    cmd += ["--no-metrics", "--threads", "1", "--max-model-len", "256", *extra]
+    cmd += ["--no-metrics", "--no-http", "--threads", "1", "--max-model-len", "256", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     try:
