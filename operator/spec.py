@@ -183,7 +183,7 @@ class MoEServiceSpec:
         return self.replicas * self.group(role).ranks
 
 
-def _engine_settings(engine: dict[str, Any]) -> EngineSettings:
+def _engine_settings(engine: Mapping[str, Any]) -> EngineSettings:
     values = {
         py: _value(engine, crd, int, "spec.serving.engine", getattr(EngineSettings, py))
         for crd, py in ENGINE_FIELDS.items()
