@@ -57,6 +57,9 @@ class EngineSettings:
     max_model_len: int | None = None
     """Longest prompt plus completion in tokens. None: the model's max_position_embeddings, capped
     at the KV-cache capacity so that one request always fits on its own."""
+    prefix_caching: bool = True
+    """Reuse the KV blocks of a cached prompt prefix (full blocks, by chained hash; LRU eviction of
+    blocks no request uses). False: every prompt is computed from scratch."""
     limits: RequestLimits = field(default_factory=RequestLimits)
     """Size limits of one request (prompt text, stop fields, request id)."""
 

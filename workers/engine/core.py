@@ -59,7 +59,9 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         observer: EngineObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        cache_salt: bytes = b"",
     ):
+        """`cache_salt` names the model revision in prefix-cache block hashes (`model_cache_salt`)."""
         self.runner = runner
         self.settings = settings
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -69,7 +71,7 @@ class Engine:
         capacity = (runner.allocator.num_blocks - 1) * runner.block_size
         limit = settings.max_model_len or runner.max_positions
         self.max_model_len = min(limit, runner.max_positions, capacity)
-        self.scheduler = Scheduler(settings, runner.allocator)
+        self.scheduler = Scheduler(settings, runner.allocator, cache_salt)
         self.requests: dict[int, Request] = {}
         self._keys = itertools.count()
 
@@ -234,5 +236,6 @@ class Engine:
                 logprobs=logprobs,
                 abort_cause=cause,
                 error=error,
+                cached_prompt_tokens=request.num_cached_prompt_tokens,
             )
         )

@@ -118,6 +118,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     abort_cause: AbortCause | None = None  # set with finish_reason "abort"
     error: str = ""  # details of an abort, e.g. the exception of a failed engine
+    cached_prompt_tokens: int = 0  # prompt tokens the prefix cache supplied (set with finish_reason)
 
     @property
     def finished(self) -> bool:
@@ -159,6 +160,7 @@ class Request:
         self.last_token_time: float | None = None
         self.admitted = False  # has been in the running batch at least once
         self.num_preemptions = 0
+        self.num_cached_prompt_tokens = 0  # prompt tokens taken from the prefix cache when first admitted
 
     @property
     def num_tokens(self) -> int:

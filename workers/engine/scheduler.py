@@ -7,6 +7,12 @@ Policy (first come, first served):
    freed; it goes back to the front of the queue and later recomputes its prompt and output so far).
 2. If nothing was preempted, waiting requests are admitted while the budget, the batch size and the
    free blocks allow: a request is admitted only when its first chunk's blocks are free.
+Prefix caching (`prefix_cache.py`, on unless `EngineSettings.prefix_caching` is False): an admitted
+request first adopts the cached blocks of its leading full blocks (never the block of its last
+token), so only the rest is computed and counts against the budget; cached blocks nobody uses count
+as free (allocating evicts them, least recently used first). Computed full blocks enter the cache at
+the start of the next schedule, and before a finished, aborted or preempted request lets go of them,
+so a preempted request finds its own blocks again when it is readmitted.
 The scheduler reserves blocks; it never runs the model or samples.
 """
 
@@ -16,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from moeserve.engine_settings import EngineSettings
+from moeserve.workers.engine.prefix_cache import PrefixCache
 from moeserve.workers.engine.request import Request
 from moeserve.workers.model.kv_cache import BlockAllocator, OutOfBlocks
 
@@ -33,9 +40,10 @@ class Schedule:
 
 
 class Scheduler:
-    def __init__(self, settings: EngineSettings, allocator: BlockAllocator):
+    def __init__(self, settings: EngineSettings, allocator: BlockAllocator, cache_salt: bytes = b""):
         self.settings = settings
         self.allocator = allocator
+        self.prefix = PrefixCache(allocator, settings.prefix_caching, cache_salt)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -52,10 +60,13 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self.prefix.commit(request)
         request.blocks.release(self.allocator)
 
     def schedule(self) -> Schedule:
         plan = Schedule()
+        for request in self.running:  # blocks the last step completed enter the cache
+            self.prefix.commit(request)
         budget = self.settings.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
@@ -70,10 +81,13 @@ class Scheduler:
             return plan
         while self.waiting and budget > 0 and len(self.running) < self.settings.max_num_seqs:
             request = self.waiting[0]
+            request.blocks.adopt(self.allocator, self.prefix.match(request))  # cached leading blocks
             n = min(request.num_uncomputed, budget)
             if request.blocks.blocks_needed(n) > self.allocator.num_free:
+                request.blocks.release(self.allocator)  # not admitted: the adopted blocks go back
                 break
             request.blocks.reserve(self.allocator, n)
+            self.prefix.record_admission(request)
             self.waiting.popleft()
             self.running.append(request)
             request.admitted = True
@@ -88,6 +102,7 @@ class Scheduler:
                 return True
             except OutOfBlocks:
                 victim = self.running.pop()
+                self.prefix.commit(victim)  # its computed blocks stay cached: readmitted, it finds them
                 victim.blocks.release(self.allocator)
                 victim.num_preemptions += 1
                 self.waiting.appendleft(victim)
