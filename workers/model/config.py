@@ -141,6 +141,8 @@ class ModelConfig:
     scoring_func: ScoringFunc = "softmax"
     first_k_dense_replace: int = 0
     moe_layer_freq: int = 1
+    # multi-token prediction (DeepSeek-V3 §2.2): extra layers at model.layers.<num_hidden_layers + k>
+    num_nextn_predict_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.num_experts_per_tok > self.n_routed_experts:
@@ -154,6 +156,8 @@ class ModelConfig:
             raise ConfigError(f"topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
         if self.moe_layer_freq < 1:
             raise ConfigError("moe_layer_freq must be >= 1")
+        if self.num_nextn_predict_layers < 0:
+            raise ConfigError("num_nextn_predict_layers must be >= 0")
 
     # derived figures
     @property
