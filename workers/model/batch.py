@@ -19,6 +19,8 @@ class SequenceStep:
     new_token_ids: list[int]
     cached: int  # tokens of this sequence already in the cache
     block_table: list[int]  # must cover cached + len(new_token_ids) tokens
+    decode_each: bool = False  # every new token takes the absorbed decode path with its own causal
+    # context (speculative verification: a few tokens over a long context, no expansion)
 
 
 @dataclass(frozen=True)
@@ -104,10 +106,11 @@ class ForwardBatch:
             for pos in range(step.cached, end):
                 positions.append(pos)
                 slots.append(step.block_table[pos // block_size] * block_size + pos % block_size)
-            if n == 1:
-                decode_rows.append(starts[-1])
-                decode_tables.append(step.block_table[: -(-end // block_size)])
-                decode_context.append(end)
+            if n == 1 or step.decode_each:
+                for j in range(n):  # row j sees the context up to and including itself
+                    decode_rows.append(starts[-1] + j)
+                    decode_tables.append(step.block_table[: -(-end // block_size)])
+                    decode_context.append(step.cached + j + 1)
             else:
                 prefill.append(index)
         width = max((len(t) for t in decode_tables), default=0)

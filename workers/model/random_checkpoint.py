@@ -117,5 +117,34 @@ def write_random_checkpoint(
             gate.float()
     torch_dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     (out / "config.json").write_text(json.dumps({**raw_config, "torch_dtype": torch_dtype}, indent=2))
-    save_file(checkpoint_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    tensors = checkpoint_state_dict(model)
+    if config.num_nextn_predict_layers:  # an MTP layer, stored as DeepSeek-V3 publishes it
+        tensors.update(random_mtp_state_dict(config, model, dtype, seed + 1, std))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def random_mtp_state_dict(
+    config: ModelConfig, model: Transformer, dtype: torch.dtype, seed: int, std: float
+) -> dict[str, torch.Tensor]:
+    """A random MTP layer under checkpoint names, with copies of the model's embedding and head
+    (`embed_tokens`, `shared_head.head`) as the published V3 checkpoints carry them."""
+    from moeserve.workers.model.mtp import MTPLayer, mtp_state_dict
+
+    torch.manual_seed(seed)
+    mtp = MTPLayer(config)
+    with torch.no_grad():
+        for name, p in mtp.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.1)
+            elif name.endswith("e_score_correction_bias"):
+                p.normal_(0.0, 0.05)
+            else:
+                p.normal_(0.0, std)
+        mtp.embed.weight.copy_(model.embed.weight)
+        mtp.head.weight.copy_(model.head.weight)
+    mtp = mtp.to(dtype)
+    gate = getattr(mtp.block.ffn, "gate", None)
+    if gate is not None:
+        gate.float()
+    return mtp_state_dict(mtp)

@@ -133,6 +133,23 @@ class Transformer(nn.Module):
             x = block(x, batch, cache, self.rope, routed, self.attn_impl)
         return self.logits(x, batch, all_logits)
 
+    @torch.inference_mode()
+    def hidden_states(
+        self, batch: ForwardBatch, cache: PagedLatentCache, routed: RoutedExecutor | None = None
+    ) -> torch.Tensor:
+        """Hidden states [T, D] of every new token after the final norm: what the head reads, and
+        what an MTP layer drafts from (`mtp.py`). `head_logits` turns rows of it into logits."""
+        routed = routed or self.local_executor()
+        x = self.embed(batch.input_ids)  # [T, D]
+        for block in self.layers:
+            x = block(x, batch, cache, self.rope, routed, self.attn_impl)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Rows [R, D] of `hidden_states` -> logits [R, V] fp32."""
+        return self.head(hidden).float()
+
     def logits(self, x: torch.Tensor, batch: ForwardBatch, all_logits: bool = False) -> torch.Tensor:
         """Residual stream x [T, D] after the last block -> logits [S, V] at each sequence's last new
         token, or [T, V] with `all_logits` (fp32)."""
