@@ -39,6 +39,7 @@ class Completion:
     finish_reason: str = ""  # "stop", "length" or "abort"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens the server's prefix cache supplied
     logprobs: list[pb.TokenLogprobs] = field(default_factory=list)
     chunks: int = 0  # messages received
 
@@ -148,4 +149,5 @@ def gather(stream: Iterable[pb.GenerateResponse]) -> Completion:
             done.finish_reason = FINISH_REASON_NAMES[chunk.finish_reason]
             done.prompt_tokens = chunk.usage.prompt_tokens
             done.completion_tokens = chunk.usage.completion_tokens
+            done.cached_prompt_tokens = chunk.usage.cached_prompt_tokens
     return done

@@ -143,6 +143,10 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
         if not all(isinstance(e, int) and not isinstance(e, bool) for r in value for e in r):
             raise ServeConfigError(f"{path}: expert ids must be integers")
         return [list(r) for r in value]
+    if text.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ServeConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
     if text.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ServeConfigError(f"{path}: expected an integer, got {value!r}")

@@ -75,6 +75,11 @@ def add_serve_parser(sub: argparse._SubParsersAction, dtypes: list[str], default
     )
     serve.add_argument("--max-waiting", type=int, default=d.max_waiting, help="waiting queue bound")
     serve.add_argument("--max-model-len", type=int, default=None, help="prompt + completion limit")
+    serve.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="compute every prompt from scratch (default: reuse the KV blocks of cached prefixes)",
+    )
     for flag, default, what in (
         ("--max-prompt-bytes", lim.max_prompt_bytes, "UTF-8 bytes of a text prompt"),
         ("--max-stop-strings", lim.max_stop_strings, "stop strings per request"),
@@ -170,6 +175,7 @@ def engine_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_waiting=args.max_waiting,
             max_model_len=args.max_model_len,
+            prefix_caching=not args.no_prefix_caching,
         )
     except ValueError as e:
         field, _, problem = str(e).partition(": ")

@@ -26,6 +26,9 @@ HELP = {
     "requests_waiting": "Requests waiting to be admitted",
     "kv_blocks_used": "KV-cache blocks holding tokens",
     "kv_blocks_free": "KV-cache blocks free",
+    "kv_blocks_cached": "KV-cache blocks in the prefix cache (in use or evictable)",
+    "prefix_cache_queried_tokens": "Prompt tokens of admitted requests looked up in the prefix cache",
+    "prefix_cache_hit_tokens": "Prompt tokens taken from the prefix cache instead of computed",
     "expert_tokens": "Tokens routed to each routed expert, by MoE layer",
 }
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -58,6 +61,10 @@ class RankGauges:
     kv_blocks_used: int
     kv_blocks_free: int
     expert_tokens: dict[int, list[int]]  # layer -> tokens routed to each expert so far
+    rank: int = 0  # the attention rank reporting
+    kv_blocks_cached: int = 0
+    prefix_queried_tokens: int = 0  # so far (`PrefixCache.queried_tokens`)
+    prefix_hit_tokens: int = 0
 
 
 class EventRecorder(EngineObserver):

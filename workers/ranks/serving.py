@@ -23,6 +23,7 @@ from moeserve.engine_settings import EngineSettings
 from moeserve.workers.engine.core import Engine, EngineObserver
 from moeserve.workers.engine.loop import EngineStopped, QueueFull
 from moeserve.workers.engine.observe import RankGauges
+from moeserve.workers.engine.prefix_cache import model_cache_salt
 from moeserve.workers.engine.request import AbortCause, InvalidRequest, RequestOutput, SamplingParams
 from moeserve.workers.engine.runner import LocalModelRunner
 from moeserve.workers.model.config import ModelConfig
@@ -81,7 +82,10 @@ class AttentionRank:
             model, spec.engine.num_blocks, spec.engine.block_size, routed, world.device
         )
         tokenizer = Tokenizer.from_model_dir(spec.model_path)
-        self.engine = Engine(self.runner, spec.engine, config.eos_token_ids, tokenizer, observer)
+        salt = model_cache_salt(spec.model_path, str(spec.ep.dtype))
+        self.engine = Engine(
+            self.runner, spec.engine, config.eos_token_ids, tokenizer, observer, cache_salt=salt
+        )
         self.world = world
         self.loop = LockstepLoop(self.engine, world)
         self.on_output = on_output
@@ -130,6 +134,8 @@ class AttentionRank:
             "kv_blocks_used": self.runner.allocator.num_used,
             "requests": len(self.engine.requests),
             "steps": self.loop.steps,
+            "prefix_queried_tokens": self.engine.scheduler.prefix.queried_tokens,
+            "prefix_hit_tokens": self.engine.scheduler.prefix.hit_tokens,
         }
 
     def gauges(self) -> RankGauges:
@@ -141,6 +147,10 @@ class AttentionRank:
             kv_blocks_used=allocator.num_used,
             kv_blocks_free=allocator.num_free,
             expert_tokens=self.runner.expert_load.snapshot(),
+            rank=self.world.rank,
+            kv_blocks_cached=allocator.num_cached,
+            prefix_queried_tokens=self.engine.scheduler.prefix.queried_tokens,
+            prefix_hit_tokens=self.engine.scheduler.prefix.hit_tokens,
         )
 
     def stop(self, timeout_s: float = 30.0) -> None:

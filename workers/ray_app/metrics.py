@@ -35,6 +35,12 @@ class RankMetrics:
         self.waiting = Gauge(f"{P}requests_waiting", HELP["requests_waiting"], TAGS)
         self.kv_used = Gauge(f"{P}kv_blocks_used", HELP["kv_blocks_used"], TAGS)
         self.kv_free = Gauge(f"{P}kv_blocks_free", HELP["kv_blocks_free"], TAGS)
+        self.kv_cached = Gauge(f"{P}kv_blocks_cached", HELP["kv_blocks_cached"], TAGS)
+        self.prefix_queried, self.prefix_hit = (
+            Counter(f"{P}{name}", HELP[name], TAGS)
+            for name in ("prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
+        )
+        self._prefix_reported = (0, 0)  # (queried, hit) totals already counted
         self.expert_tokens = Counter(f"{P}expert_tokens", HELP["expert_tokens"], (*TAGS, "layer", "expert"))
         self._experts_reported: dict[int, list[int]] = {}
 
@@ -57,6 +63,13 @@ class RankMetrics:
         self.waiting.set(now.waiting, tags)
         self.kv_used.set(now.kv_blocks_used, tags)
         self.kv_free.set(now.kv_blocks_free, tags)
+        self.kv_cached.set(now.kv_blocks_cached, tags)
+        queried, hit = self._prefix_reported
+        if now.prefix_queried_tokens > queried:
+            self.prefix_queried.inc(now.prefix_queried_tokens - queried, tags)
+        if now.prefix_hit_tokens > hit:
+            self.prefix_hit.inc(now.prefix_hit_tokens - hit, tags)
+        self._prefix_reported = (now.prefix_queried_tokens, now.prefix_hit_tokens)
         for layer, counts in now.expert_tokens.items():
             before = self._experts_reported.get(layer, [0] * len(counts))
             for expert, (total, then) in enumerate(zip(counts, before, strict=True)):

@@ -29,6 +29,7 @@ from moeserve.engine_settings import EngineSettings
 from moeserve.v1 import inference_pb2_grpc as pb_grpc
 from moeserve.workers.engine.core import Engine
 from moeserve.workers.engine.loop import EngineLoop
+from moeserve.workers.engine.prefix_cache import model_cache_salt
 from moeserve.workers.engine.runner import LocalModelRunner
 from moeserve.workers.model.tokenizer import Tokenizer
 from moeserve.workers.server.convert import model_info
@@ -60,7 +61,10 @@ def local_loader(model_path: Path, dtype: torch.dtype, settings: EngineSettings)
         model = load_model(model_path, dtype)
         tokenizer = Tokenizer.from_model_dir(model_path)
         runner = LocalModelRunner(model, settings.num_blocks, settings.block_size)
-        engine = Engine(runner, settings, model.config.eos_token_ids, tokenizer, observer=metrics)
+        salt = model_cache_salt(Path(model_path), str(dtype))
+        engine = Engine(
+            runner, settings, model.config.eos_token_ids, tokenizer, observer=metrics, cache_salt=salt
+        )
         loop = EngineLoop(engine, on_failure=on_failure).start()
         metrics.bind(loop, runner.expert_load)
         dtype_name = str(dtype).removeprefix("torch.")

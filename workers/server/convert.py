@@ -112,7 +112,11 @@ def to_response(out: RequestOutput, first: bool = True) -> pb.GenerateResponse:
     )
     if out.finished:
         response.usage.CopyFrom(
-            pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens)
+            pb.Usage(
+                prompt_tokens=out.prompt_tokens,
+                completion_tokens=out.completion_tokens,
+                cached_prompt_tokens=out.cached_prompt_tokens,
+            )
         )
     return response
 

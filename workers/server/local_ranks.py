@@ -1,16 +1,18 @@
 """The gRPC process's side of an expert-parallel instance made of local rank processes.
 
 `EPFrontend` starts A attention-rank and E expert-rank processes (`server.rank_process`, running the
-`ranks.serving` programs over gloo) through the shared launcher (`parallel.launch`:
-rendezvous through a TCPStore on 127.0.0.1 only, closed once every rank has joined; the ranks prove
-to each other that they hold a secret only this instance's ranks get) and stands in for
-`EngineLoop` behind the servicer: it validates each request against a never-stepped twin of the
-ranks' engine, sends it to the attention rank with the fewest requests in flight, and relays that
-rank's `RequestOutput`s to the request's sink. Aborts go to the rank that holds the request. If any
-rank dies or fails, every stream in flight ends with abort cause "unavailable" and the failure's own
-message, the rest of the ranks are killed, `alive` turns False (health NOT_SERVING) and the gauges
-read idle. A rank that refuses one request (queue full, invalid) ends that stream alone with its own
-cause. Ray-hosted instances do not use this module.
+`ranks.serving` programs over gloo) through the shared launcher (`parallel.launch`: rendezvous
+through a TCPStore on 127.0.0.1 only, closed once every rank has joined; the ranks prove to each
+other that they hold a secret only this instance's ranks get) and stands in for `EngineLoop` behind
+the servicer: it validates each request against a never-stepped twin of the ranks' engine, sends it
+to an attention rank by cache-aware routing (`engine.prefix_routing`: the rank believed to hold the
+longest cached prefix of the prompt unless it has more than `route_margin` requests in flight beyond
+the least loaded rank; otherwise the least loaded; with prefix caching off, the least loaded), and
+relays that rank's `RequestOutput`s to the request's sink. Aborts go to the rank that holds the
+request. If any rank dies or fails, every stream in flight ends with abort cause "unavailable" and
+the failure's own message, the rest of the ranks are killed, `alive` turns False (health
+NOT_SERVING) and the gauges read idle. A rank that refuses one request (queue full, invalid) ends
+that stream alone with its own cause. Ray-hosted instances do not use this module.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from moeserve.engine_settings import EngineSettings
 from moeserve.workers.engine.loop import EngineFailed, EngineStopped, QueueFull
 from moeserve.workers.engine.observe import RankGauges
+from moeserve.workers.engine.prefix_routing import LOAD_MARGIN, PrefixIndex
 from moeserve.workers.engine.request import AbortCause, RequestOutput, SamplingParams, Sink
 from moeserve.workers.engine.validation import validation_engine
 from moeserve.workers.model.config import ModelConfig
@@ -69,6 +72,9 @@ class EPFrontend:
         self._keys = iter(range(1 << 62))
         self._sinks: dict[int, tuple[int, Sink]] = {}  # key -> (attention rank, sink)
         self._load = [0] * self.layout.attention_ranks  # requests in flight per attention rank
+        self._ranks = list(range(self.layout.attention_ranks))
+        self._prefixes: PrefixIndex[int] = PrefixIndex(spec.engine.block_size, spec.engine.num_blocks - 1)
+        self.route_margin = LOAD_MARGIN  # see engine.prefix_routing.choose
         self._ready: set[int] = set()
         self._stats: dict[int, dict[str, int]] = {}
 
@@ -129,7 +135,10 @@ class EPFrontend:
     def _idle_gauges(self) -> None:
         """The ranks are gone: nothing runs, waits or holds a block (per-expert counts are kept)."""
         free = self.engine.runner.allocator.num_free
-        self._gauges = {r: RankGauges(0, 0, 0, free, g.expert_tokens) for r, g in self._gauges.items()}
+        self._gauges = {
+            r: replace(g, running=0, waiting=0, kv_blocks_used=0, kv_blocks_free=free, kv_blocks_cached=0)
+            for r, g in self._gauges.items()
+        }
 
     # the EngineLoop interface
     @property
@@ -154,15 +163,21 @@ class EPFrontend:
         deadline: float | None = None,
     ) -> int:
         self.engine.check(prompt_ids, sampling)
+        caching = self.spec.engine.prefix_caching
+        hashes = self._prefixes.hashes(prompt_ids) if caching else []  # off the lock
         with self._lock:
             if self.failure is not None:
                 raise EngineFailed(f"an expert-parallel rank failed: {self.failure}")
             if self._stopping:
                 raise EngineStopped("engine is stopping")
-            rank = min(range(len(self._load)), key=lambda r: self._load[r])
+            rank = self._prefixes.choose(self._ranks, self._load, hashes, self.route_margin)
             limit = self.spec.engine.max_num_seqs + self.spec.engine.max_waiting
+            if self._load[rank] >= limit:  # its queue is full: the least loaded then
+                rank = min(self._ranks, key=lambda r: self._load[r])
             if self._load[rank] >= limit:
                 raise QueueFull(f"every attention rank has {limit} requests")
+            if caching:
+                self._prefixes.record(rank, hashes)
             key = next(self._keys)
             self._sinks[key] = (rank, sink)
             self._load[rank] += 1

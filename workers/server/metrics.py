@@ -6,6 +6,9 @@ Counters and histograms are fed by the engine's observer hooks (on the engine th
 so they are current even while the engine is idle. With local expert ranks the engines live in
 rank processes: there an `EventRecorder` (`engine.observe`) collects the hook calls as plain data
 (`EngineEvents`) and `RankGauges` snapshots, which the front end relays into `apply` and `bind_ranks`.
+The prefix cache's counters (`prefix_cache_queried_tokens`, `prefix_cache_hit_tokens`) carry a
+`rank` label (the attention rank; 0 for a single-process engine) and are read from the engine's own
+totals when scraped, as the per-expert counts are.
 Nothing here changes engine behaviour.
 """
 
@@ -21,6 +24,7 @@ from moeserve import contract
 from moeserve.workers.engine.core import Engine, EngineObserver
 from moeserve.workers.engine.loop import EngineLoop
 from moeserve.workers.engine.observe import HELP, LATENCY_BUCKETS, EngineEvents, ExpertCounts, RankGauges
+from moeserve.workers.engine.prefix_cache import PrefixCache
 from moeserve.workers.engine.request import FinishReason, Request
 from moeserve.workers.engine.runner import ExpertLoad
 
@@ -42,6 +46,24 @@ class _ExpertLoadCollector(Collector):
         yield family
 
 
+class _PrefixCacheCollector(Collector):
+    """moeserve_prefix_cache_{queried,hit}_tokens_total{rank}: each rank's prefix-cache totals."""
+
+    def __init__(self) -> None:
+        self.totals: Callable[[], list[tuple[int, int, int]]] = list  # (rank, queried, hit)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        queried, hit = (
+            CounterMetricFamily(f"{P}{name}", HELP[name], labels=["rank"])
+            for name in ("prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
+        )
+        for rank, q, h in self.totals():
+            queried.add_metric([str(rank)], q)
+            hit.add_metric([str(rank)], h)
+        yield queried
+        yield hit
+
+
 class ServingMetrics(EngineObserver):
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
@@ -60,8 +82,11 @@ class ServingMetrics(EngineObserver):
         self.waiting = Gauge(f"{P}requests_waiting", HELP["requests_waiting"], registry=r)
         self.kv_used = Gauge(f"{P}kv_blocks_used", HELP["kv_blocks_used"], registry=r)
         self.kv_free = Gauge(f"{P}kv_blocks_free", HELP["kv_blocks_free"], registry=r)
+        self.kv_cached = Gauge(f"{P}kv_blocks_cached", HELP["kv_blocks_cached"], registry=r)
         self._experts = _ExpertLoadCollector()
         r.register(self._experts)
+        self._prefix = _PrefixCacheCollector()
+        r.register(self._prefix)
 
     def bind(self, loop: EngineLoop, expert_load: ExpertLoad | None) -> None:
         """Read gauges from this engine from now on."""
@@ -71,7 +96,10 @@ class ServingMetrics(EngineObserver):
         self.waiting.set_function(lambda: loop.num_waiting)
         self.kv_used.set_function(lambda: allocator.num_used)
         self.kv_free.set_function(lambda: allocator.num_free)
+        self.kv_cached.set_function(lambda: allocator.num_cached)
         self._experts.load = expert_load
+        prefix: PrefixCache = engine.scheduler.prefix
+        self._prefix.totals = lambda: [(0, prefix.queried_tokens, prefix.hit_tokens)]
 
     def bind_ranks(self, ranks: Callable[[], list[RankGauges]]) -> None:
         """Read gauges and per-expert counts from the attention ranks' latest reports, summed."""
@@ -79,7 +107,11 @@ class ServingMetrics(EngineObserver):
         self.waiting.set_function(lambda: sum(g.waiting for g in ranks()))
         self.kv_used.set_function(lambda: sum(g.kv_blocks_used for g in ranks()))
         self.kv_free.set_function(lambda: sum(g.kv_blocks_free for g in ranks()))
+        self.kv_cached.set_function(lambda: sum(g.kv_blocks_cached for g in ranks()))
         self._experts.load = _SummedExpertCounts(ranks)
+        self._prefix.totals = lambda: [
+            (g.rank, g.prefix_queried_tokens, g.prefix_hit_tokens) for g in ranks()
+        ]
 
     def apply(self, events: EngineEvents) -> None:
         """Record events an `EventRecorder` collected elsewhere, as if this registry had observed them."""

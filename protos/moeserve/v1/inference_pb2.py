@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoeserve/v1/inference.proto\x12\x0bmoeserve.v1\"\x8e\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.moeserve.v1.SamplingParamsB\t\n\x07_prompt\"\x86\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\rB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xca\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.moeserve.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.moeserve.v1.Usage\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.moeserve.v1.TokenLogprobs\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"Z\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.moeserve.v1.TokenLogprob\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x15\n\x13GetModelInfoRequest\"\xfe\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12/\n\x0c\x61rchitecture\x18\x02 \x01(\x0b\x32\x19.moeserve.v1.Architecture\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x17\n\x0f\x61ttention_ranks\x18\x05 \x01(\r\x12\x14\n\x0c\x65xpert_ranks\x18\x06 \x01(\r\x12\x15\n\rkv_block_size\x18\x07 \x01(\r\x12\x15\n\rkv_num_blocks\x18\x08 \x01(\r\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x15\n\rhas_tokenizer\x18\n \x01(\x08\"\x9e\x02\n\x0c\x41rchitecture\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x11\n\tnum_heads\x18\x04 \x01(\r\x12\x14\n\x0ckv_lora_rank\x18\x05 \x01(\r\x12\x18\n\x10qk_rope_head_dim\x18\x06 \x01(\r\x12\x18\n\x10n_routed_experts\x18\x07 \x01(\r\x12\x18\n\x10n_shared_experts\x18\x08 \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18\t \x01(\r\x12\x16\n\x0enum_moe_layers\x18\n \x01(\r\x12%\n\x1dkv_values_per_token_per_layer\x18\x0b \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa0\x01\n\tInference\x12I\n\x08Generate\x12\x1c.moeserve.v1.GenerateRequest\x1a\x1d.moeserve.v1.GenerateResponse0\x01\x12H\n\x0cGetModelInfo\x12 .moeserve.v1.GetModelInfoRequest\x1a\x16.moeserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoeserve/v1/inference.proto\x12\x0bmoeserve.v1\"\x8e\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.moeserve.v1.SamplingParamsB\t\n\x07_prompt\"\x86\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\rB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xca\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.moeserve.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.moeserve.v1.Usage\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.moeserve.v1.TokenLogprobs\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"Z\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.moeserve.v1.TokenLogprob\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x15\n\x13GetModelInfoRequest\"\xfe\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12/\n\x0c\x61rchitecture\x18\x02 \x01(\x0b\x32\x19.moeserve.v1.Architecture\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x17\n\x0f\x61ttention_ranks\x18\x05 \x01(\r\x12\x14\n\x0c\x65xpert_ranks\x18\x06 \x01(\r\x12\x15\n\rkv_block_size\x18\x07 \x01(\r\x12\x15\n\rkv_num_blocks\x18\x08 \x01(\r\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x15\n\rhas_tokenizer\x18\n \x01(\x08\"\x9e\x02\n\x0c\x41rchitecture\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x11\n\tnum_heads\x18\x04 \x01(\r\x12\x14\n\x0ckv_lora_rank\x18\x05 \x01(\r\x12\x18\n\x10qk_rope_head_dim\x18\x06 \x01(\r\x12\x18\n\x10n_routed_experts\x18\x07 \x01(\r\x12\x18\n\x10n_shared_experts\x18\x08 \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18\t \x01(\r\x12\x16\n\x0enum_moe_layers\x18\n \x01(\r\x12%\n\x1dkv_values_per_token_per_layer\x18\x0b \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa0\x01\n\tInference\x12I\n\x08Generate\x12\x1c.moeserve.v1.GenerateRequest\x1a\x1d.moeserve.v1.GenerateResponse0\x01\x12H\n\x0cGetModelInfo\x12 .moeserve.v1.GetModelInfoRequest\x1a\x16.moeserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moeserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1430
-  _globals['_FINISHREASON']._serialized_end=1550
+  _globals['_FINISHREASON']._serialized_start=1460
+  _globals['_FINISHREASON']._serialized_end=1580
   _globals['_GENERATEREQUEST']._serialized_start=45
   _globals['_GENERATEREQUEST']._serialized_end=187
   _globals['_SAMPLINGPARAMS']._serialized_start=190
@@ -40,17 +40,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_start=455
   _globals['_GENERATERESPONSE']._serialized_end=657
   _globals['_USAGE']._serialized_start=659
-  _globals['_USAGE']._serialized_end=716
-  _globals['_TOKENLOGPROBS']._serialized_start=718
-  _globals['_TOKENLOGPROBS']._serialized_end=808
-  _globals['_TOKENLOGPROB']._serialized_start=810
-  _globals['_TOKENLOGPROB']._serialized_end=859
-  _globals['_GETMODELINFOREQUEST']._serialized_start=861
-  _globals['_GETMODELINFOREQUEST']._serialized_end=882
-  _globals['_MODELINFO']._serialized_start=885
-  _globals['_MODELINFO']._serialized_end=1139
-  _globals['_ARCHITECTURE']._serialized_start=1142
-  _globals['_ARCHITECTURE']._serialized_end=1428
-  _globals['_INFERENCE']._serialized_start=1553
-  _globals['_INFERENCE']._serialized_end=1713
+  _globals['_USAGE']._serialized_end=746
+  _globals['_TOKENLOGPROBS']._serialized_start=748
+  _globals['_TOKENLOGPROBS']._serialized_end=838
+  _globals['_TOKENLOGPROB']._serialized_start=840
+  _globals['_TOKENLOGPROB']._serialized_end=889
+  _globals['_GETMODELINFOREQUEST']._serialized_start=891
+  _globals['_GETMODELINFOREQUEST']._serialized_end=912
+  _globals['_MODELINFO']._serialized_start=915
+  _globals['_MODELINFO']._serialized_end=1169
+  _globals['_ARCHITECTURE']._serialized_start=1172
+  _globals['_ARCHITECTURE']._serialized_end=1458
+  _globals['_INFERENCE']._serialized_start=1583
+  _globals['_INFERENCE']._serialized_end=1743
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
@@ -75,11 +75,18 @@ class Choice:
 class Prepared:
     request: CompletionRequest | ChatCompletionRequest
     choices: list[Choice]
+    cached: dict[int, int] = field(default_factory=dict, compare=False)
+    """choice index -> prompt tokens the prefix cache supplied, filled as choices finish."""
 
     @property
     def prompt_tokens(self) -> int:
         """Tokens of each prompt, counted once however many choices it has (as OpenAI counts)."""
         return sum(len(c.job.prompt_ids) for c in self.choices if c.index % self.request.n == 0)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Of `prompt_tokens`, those taken from the prefix cache (each prompt's first choice)."""
+        return sum(self.cached.get(c.index, 0) for c in self.choices if c.index % self.request.n == 0)
 
 
 def parse(model: type[pydantic.BaseModel], body: bytes) -> Any:

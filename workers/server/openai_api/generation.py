@@ -117,6 +117,7 @@ class Generation:
                     raise ApiError(status, message, code=out.abort_cause)
                 if out.finished:
                     unfinished.discard(index)
+                    self.prepared.cached[index] = out.cached_prompt_tokens  # for `usage`
                 yield index, out
         finally:
             for index in unfinished:

@@ -70,9 +70,14 @@ def wants_logprobs(prepared: Prepared) -> bool:
     return r.logprobs if isinstance(r, ChatCompletionRequest) else r.logprobs is not None
 
 
-def usage(prepared: Prepared, completion_tokens: int) -> dict[str, int]:
+def usage(prepared: Prepared, completion_tokens: int) -> dict[str, Any]:
     p = prepared.prompt_tokens
-    return {"prompt_tokens": p, "completion_tokens": completion_tokens, "total_tokens": p + completion_tokens}
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": completion_tokens,
+        "total_tokens": p + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": prepared.cached_tokens},
+    }
 
 
 class ResponseBuilder:
