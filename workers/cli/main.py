@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=non_negative_float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    gen.add_argument(
+        "--fp8-weights",
+        choices=["dequantize", "keep"],
+        default="dequantize",
+        help="an FP8 checkpoint's weights: dequantized to --dtype at load (default, faster on the CPU) "
+        "or kept fp8 and dequantized per block inside each matmul (half the memory)",
+    )
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     gen.add_argument(
@@ -61,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", type=Path, required=True)
     init.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     init.add_argument("--seed", type=int, default=0)
+    quant = model_sub.add_parser(
+        "quantize-fp8",
+        help="write an FP8 block-scaled checkpoint (DeepSeek-V3's format) from a bf16/fp32 one",
+    )
+    quant.add_argument("--in", dest="src", type=Path, required=True, help="checkpoint directory to read")
+    quant.add_argument("--out", type=Path, required=True, help="directory to write (new or empty)")
     ep_cli.add_arguments(gen)
     return parser
 
@@ -74,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_cli.run_serve(parser, args, dict(DTYPES))
     if args.command == "model" and args.model_command == "init-random":
         return _init_random(parser, args)
+    if args.command == "model" and args.model_command == "quantize-fp8":
+        return _quantize_fp8(parser, args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 
@@ -104,7 +119,7 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
     device = _device(parser, args.device)
     try:
-        model = load_model(path, DTYPES[args.dtype], device=device)
+        model = load_model(path, DTYPES[args.dtype], device=device, fp8_weights=args.fp8_weights)
     except (ConfigError, CheckpointError) as e:
         parser.error(f"--model: {e}")
     vocab = model.config.vocab_size
@@ -148,6 +163,21 @@ def _init_random(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         parser.error(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
     out = write_random_checkpoint(args.out, PRESETS[args.preset], DTYPES[args.dtype], seed=args.seed)
     print(out)
+    return 0
+
+
+def _quantize_fp8(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from moeserve.workers.model.config import ConfigError
+    from moeserve.workers.model.quantize_fp8 import quantize_checkpoint
+
+    if not (args.src / "config.json").exists():
+        parser.error(f"--in: no config.json in {args.src}")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        parser.error(f"--out: {args.out} exists and is not an empty directory")
+    try:
+        print(quantize_checkpoint(args.src, args.out))
+    except ConfigError as e:
+        parser.error(f"--in: {e}")
     return 0
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.workers.kernels.fp8_gemm import dequantize_blocks
 from moeserve.workers.kernels.moe_align import align_by_expert
 from moeserve.workers.kernels.runtime import check_runnable, dot_dtype, dot_precision, kernel_module
 
@@ -50,11 +51,16 @@ def fused_moe(
     weights: torch.Tensor,
     foreign: bool = False,
     config: TileConfig | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block: tuple[int, int] = (128, 128),
 ) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [T, D] in x's dtype.
 
     x [T, D]; w13 [E, 2I, D]; w2 [E, D, I]; ids [T, K] in [0, E) (or E = an expert not hosted here,
     only with `foreign`: such pairs add nothing); weights [T, K] (any float dtype, applied in fp32).
+    fp8 experts: w13 / w2 float8_e4m3fn with `w13_scale` [E, 2 ceil(I/bn), ceil(D/bk)] (gate's grid,
+    then up's) and `w2_scale` [E, ceil(D/bn), ceil(I/bk)], dequantized tile by tile in the kernels.
     """
     t, k = ids.shape
     num_experts, two_inter, dim = w13.shape
@@ -70,6 +76,13 @@ def fused_moe(
     check_runnable(kernels.gate_up_kernel, x.device)
     cfg = config or tile_config(t)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    scaled = w13_scale is not None and w2_scale is not None
+    if scaled:
+        w13, w2 = w13.view(torch.uint8), w2.view(torch.uint8)  # the kernels decode the fp8 bits
+    s13 = w13_scale.float().contiguous() if w13_scale is not None else w13
+    s2 = w2_scale.float().contiguous() if w2_scale is not None else w2
+    scales13 = (s13, s13.stride(0), s13.stride(1), -(-inter // block[0]), block[0], block[1])
+    scales2 = (s2, s2.stride(0), s2.stride(1), block[0], block[1])
     aligned = align_by_expert(ids, num_experts, cfg.block_m)
     pairs = t * k
     h = x.new_empty(aligned.sorted_pairs.numel(), inter)  # [S, I], rows in padded order
@@ -79,17 +92,18 @@ def fused_moe(
     meta = dict(
         DOT_DTYPE=dot_dtype(x.dtype, kernels.gate_up_kernel),
         PRECISION=dot_precision(x.dtype),
+        W_SCALED=scaled,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     routing = (aligned.sorted_pairs, aligned.tile_experts, aligned.num_padded, pairs, num_experts)
     kernels.gate_up_kernel[(aligned.num_tiles, -(-inter // cfg.block_n))](
-        x, w13, h, *routing, dim, inter, x.stride(0), w13.stride(0), w13.stride(1), k,
+        x, w13, h, *routing, dim, inter, x.stride(0), w13.stride(0), w13.stride(1), k, *scales13,
         **tiles, **meta,
     )  # fmt: skip
     kernels.down_kernel[(aligned.num_tiles, -(-dim // cfg.block_n))](
         h, w2, out, weights.reshape(-1).float().contiguous(), *routing, dim, inter,
-        w2.stride(0), w2.stride(1), **tiles, **meta,
+        w2.stride(0), w2.stride(1), *scales2, **tiles, **meta,
     )  # fmt: skip
     return out.view(t, k, dim).sum(dim=1).to(x.dtype)  # [T, K, D] -> [T, D]
 
@@ -101,12 +115,16 @@ def fused_moe_torch(
     ids: torch.Tensor,
     weights: torch.Tensor,
     block_m: int = 16,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block: tuple[int, int] = (128, 128),
 ) -> torch.Tensor:
     """The kernels' algorithm in torch ops, for devices without them: the same tiles, one batched
     matmul over all tiles instead of a program per tile. Sync-free with static shapes like the
     kernels (so a decode step using it compiles with `torch.compile(fullgraph=True)`), but it
     copies each tile's expert weights, so it is meant for small models and checks, not for speed.
-    Same arguments as `fused_moe`; ids == E (not hosted) add nothing."""
+    Same arguments as `fused_moe`; ids == E (not hosted) add nothing; fp8 experts' tiles are
+    dequantized as they are gathered."""
     t, k = ids.shape
     num_experts, two_inter, dim = w13.shape
     pairs = t * k
@@ -117,9 +135,13 @@ def fused_moe_torch(
     safe = torch.where(live, rows, 0)
     experts = aligned.tile_experts.long().clamp(max=num_experts - 1)  # [NB]
     xs = x[safe // k]  # [NB, BM, D]
-    gate, up = torch.bmm(xs, w13[experts].transpose(1, 2)).float().chunk(2, dim=-1)  # [NB, BM, I] each
+    w13_tiles, w2_tiles = w13[experts], w2[experts]  # [NB, 2I, D], [NB, D, I]
+    if w13_scale is not None and w2_scale is not None:
+        w13_tiles = dequantize_blocks(w13_tiles, w13_scale[experts], block, parts=2, dtype=x.dtype)
+        w2_tiles = dequantize_blocks(w2_tiles, w2_scale[experts], block, dtype=x.dtype)
+    gate, up = torch.bmm(xs, w13_tiles.transpose(1, 2)).float().chunk(2, dim=-1)  # [NB, BM, I] each
     h = (torch.nn.functional.silu(gate) * up).to(x.dtype)
-    y = torch.bmm(h, w2[experts].transpose(1, 2)).float()  # [NB, BM, D]
+    y = torch.bmm(h, w2_tiles.transpose(1, 2)).float()  # [NB, BM, D]
     y = y * (weights.reshape(-1).float()[safe] * live)[..., None]
     out = torch.zeros(pairs + 1, dim, dtype=torch.float32, device=x.device)  # row P: padding's sink
     out.index_add_(0, torch.where(live, rows, pairs).flatten(), y.flatten(0, 1))

@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from moeserve.workers.kernels.fp8_gemm_triton import decode_e4m3fn
+
 
 @triton.jit
 def gate_up_kernel(
@@ -20,11 +22,18 @@ def gate_up_kernel(
     stride_we,
     stride_wn,
     top_k,
+    s_ptr,  # [E, S, ceil(D/bk)] fp32 block scales of fp8 w13 (gate's grid, then up's); unused otherwise
+    stride_se,
+    stride_sn,
+    scale_blocks_per_part,
+    scale_bn,
+    scale_bk,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    W_SCALED: tl.constexpr,  # w13 holds float8_e4m3fn bits (uint8) with block scales
 ):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -49,8 +58,15 @@ def gate_up_kernel(
             x_ptr + token[:, None] * stride_xt + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
         )
         w_mask = k_ok[:, None] & col_ok[None, :]
-        w_gate = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None], mask=w_mask, other=0.0)
-        w_up = tl.load(w_base + (cols[None, :] + inter) * stride_wn + ks[:, None], mask=w_mask, other=0.0)
+        w_gate = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None], mask=w_mask, other=0)
+        w_up = tl.load(w_base + (cols[None, :] + inter) * stride_wn + ks[:, None], mask=w_mask, other=0)
+        if W_SCALED:
+            s_base = s_ptr + expert.to(tl.int64) * stride_se + (ks // scale_bk)[:, None]
+            gate_rows = (cols // scale_bn)[None, :]
+            s_gate = tl.load(s_base + gate_rows * stride_sn, mask=w_mask, other=0.0)
+            s_up = tl.load(s_base + (gate_rows + scale_blocks_per_part) * stride_sn, mask=w_mask, other=0.0)
+            w_gate = decode_e4m3fn(w_gate) * s_gate
+            w_up = decode_e4m3fn(w_up) * s_up
         x = x.to(DOT_DTYPE)
         acc_gate = tl.dot(x, w_gate.to(DOT_DTYPE), acc_gate, input_precision=PRECISION)
         acc_up = tl.dot(x, w_up.to(DOT_DTYPE), acc_up, input_precision=PRECISION)
@@ -77,11 +93,17 @@ def down_kernel(
     inter,
     stride_we,
     stride_wn,
+    s_ptr,  # [E, ceil(D/bn), ceil(I/bk)] fp32 block scales of fp8 w2; unused otherwise
+    stride_se,
+    stride_sn,
+    scale_bn,
+    scale_bk,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    W_SCALED: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -105,9 +127,12 @@ def down_kernel(
             mask=row_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        w = tl.load(
-            w_base + cols[None, :] * stride_wn + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0
-        )
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None], mask=w_mask, other=0)
+        if W_SCALED:
+            s_offsets = (cols // scale_bn)[None, :] * stride_sn + (ks // scale_bk)[:, None]
+            scale = tl.load(s_ptr + expert.to(tl.int64) * stride_se + s_offsets, mask=w_mask, other=0.0)
+            w = decode_e4m3fn(w) * scale
         acc = tl.dot(h.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
     weight = tl.load(weights_ptr + pair, mask=row_ok, other=0.0)
     safe_pair = tl.where(row_ok, pair, 0).to(tl.int64)

@@ -103,6 +103,43 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class Fp8Quantization:
+    """`quantization_config` of a block-scaled FP8 checkpoint (DeepSeek-V3 as published): fp8 e4m3
+    weights with one fp32 `weight_scale_inv` per `weight_block_size` block (rows, cols)."""
+
+    weight_block_size: tuple[int, int] = (128, 128)
+    activation_scheme: Literal["dynamic"] = "dynamic"
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Fp8Quantization:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"quantization_config must be an object, got {raw!r}")
+        checks = (("quant_method", ("fp8",)), ("fmt", ("e4m3",)), ("activation_scheme", ("dynamic",)))
+        for key, allowed in checks:
+            if raw.get(key, allowed[0]) not in allowed:
+                raise ConfigError(
+                    f"quantization_config.{key} {raw.get(key)!r} is not supported ({allowed[0]})"
+                )
+        block = raw.get("weight_block_size", [128, 128])
+        if not (
+            isinstance(block, list | tuple)
+            and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+        ):
+            raise ConfigError(f"quantization_config.weight_block_size {block!r} is not two positive integers")
+        return cls(weight_block_size=(block[0], block[1]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The published form, as config.json states it."""
+        return {
+            "activation_scheme": self.activation_scheme,
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": list(self.weight_block_size),
+        }
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Architecture of one DeepSeek-V2/V3 checkpoint. Build with `ModelConfig.from_dict` / `from_file`."""
 
@@ -141,6 +178,8 @@ class ModelConfig:
     scoring_func: ScoringFunc = "softmax"
     first_k_dense_replace: int = 0
     moe_layer_freq: int = 1
+    # quantization: None for bf16/fp32 weights
+    quantization: Fp8Quantization | None = None
     # multi-token prediction (DeepSeek-V3 §2.2): extra layers at model.layers.<num_hidden_layers + k>
     num_nextn_predict_layers: int = 0
 
@@ -223,7 +262,11 @@ class ModelConfig:
         eos = merged.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         own = {f.name for f in fields(cls)}
-        kwargs = {k: merged[k] for k in own if k in merged and k not in ("rope", "eos_token_ids")}
+        kwargs = {
+            k: merged[k] for k in own if k in merged and k not in ("rope", "eos_token_ids", "quantization")
+        }
+        if merged.get("quantization_config") is not None:
+            kwargs["quantization"] = Fp8Quantization.from_dict(merged["quantization_config"])
         kwargs["n_group"] = merged.get("n_group") or 1
         kwargs["topk_group"] = merged.get("topk_group") or 1
         kwargs["scoring_func"] = scoring

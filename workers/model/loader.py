@@ -6,6 +6,11 @@ the tensors a role needs are read: the attention side (embeddings, MLA, norms, r
 experts, head) or a subset of routed experts. A missing, unexpected or mis-shaped tensor is a
 `CheckpointError` naming it. Multi-token-prediction layers (index >= num_hidden_layers, as in
 DeepSeek-V3) are not used for generation and are skipped.
+FP8 block-scaled checkpoints (`quantization_config` fp8, each fp8 `<name>` with its fp32
+`<name>_scale_inv`) load either kept fp8 (`fp8_weights="keep"`: linear layers become
+`BlockFp8Linear`, routed experts keep per-expert block scales) or dequantized once to `dtype`
+(`"dequantize"`, the default: faster on the CPU, see bench/bench_fp8.py). `kv_b_proj` is always
+dequantized: the absorbed decode splits it per head into W_UK and W_UV.
 """
 
 from __future__ import annotations
@@ -13,15 +18,17 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
+from moeserve.workers.model import fp8
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.huge_pages import allocate_on_huge_pages
-from moeserve.workers.model.moe import RoutedExperts, Router
+from moeserve.workers.model.moe import MoE, RoutedExperts, Router
 from moeserve.workers.model.rope import RotaryEmbedding
 from moeserve.workers.model.transformer import Transformer
 
@@ -70,6 +77,10 @@ EXPERT_NAMES = {
     "down_proj.weight": "w2",
 }
 
+SCALE_SUFFIX = "_scale_inv"  # fp8 "<name>" -> its block scales "<name>_scale_inv"
+# our parameters never kept fp8 (dequantized at load): MLA's absorbed decode splits wkv_b per head
+ALWAYS_DEQUANTIZED = re.compile(r"\.attn\.wkv_b\.weight$")
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _PART = re.compile(r"^(.+)\[([01])/2\]$")
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(.+)$")
@@ -84,6 +95,7 @@ class Target:
     layer: int | None = None
     expert: int | None = None
     stacked: str | None = None
+    scale: bool = False  # the fp8 block scales of that tensor, read together with it
 
     @property
     def is_routed_expert(self) -> bool:
@@ -92,6 +104,9 @@ class Target:
 
 def translate(name: str, config: ModelConfig) -> Target | None:
     """Map a checkpoint name; None for tensors deliberately not used. Unknown names raise."""
+    if name.endswith(SCALE_SUFFIX):
+        base = translate(name.removesuffix(SCALE_SUFFIX), config)
+        return None if base is None else replace(base, scale=True)
     if name in GLOBAL_NAMES:
         return Target(param=GLOBAL_NAMES[name])
     if _IGNORED.search(name):
@@ -134,9 +149,37 @@ class CheckpointReader:
     def shape(self, name: str) -> list[int]:
         return list(self._handle(name).get_slice(name).get_shape())  # type: ignore[attr-defined]
 
+    def is_fp8(self, name: str) -> bool:
+        return self._handle(name).get_slice(name).get_dtype() == "F8_E4M3"  # type: ignore[attr-defined]
+
     def read(self, name: str) -> torch.Tensor:
         self.read_names.append(name)
         return self._handle(name).get_tensor(name)  # type: ignore[attr-defined]
+
+    def read_weight(self, name: str, config: ModelConfig) -> torch.Tensor | fp8.BlockFp8:
+        """A tensor; an fp8 one with its block scales (present and of the grid's shape, else an error
+        naming them)."""
+        tensor = self.read(name)
+        if tensor.dtype != fp8.FP8:
+            return tensor
+        if config.quantization is None:
+            raise CheckpointError(
+                f"tensor {name!r} is float8_e4m3fn but config.json has no quantization_config"
+            )
+        block = config.quantization.weight_block_size
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in self.file_of:
+            raise CheckpointError(f"fp8 tensor {name!r} has no block scales {scale_name!r} in the checkpoint")
+        scale = self.read(scale_name)
+        if tensor.dim() != 2:
+            raise CheckpointError(f"fp8 tensor {name!r} has shape {list(tensor.shape)}: not a 2-D weight")
+        want = list(fp8.scale_shape(tensor.shape[0], tensor.shape[1], block))
+        if list(scale.shape) != want:
+            raise CheckpointError(
+                f"block scales {scale_name!r} have shape {list(scale.shape)}, expected {want} for "
+                f"{name!r} {list(tensor.shape)} in {block[0]}x{block[1]} blocks"
+            )
+        return fp8.BlockFp8(tensor, scale.float(), block)
 
     def _handle(self, name: str) -> object:
         file = self.file_of[name]
@@ -165,8 +208,82 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
         dst.copy_(src)
 
 
+def store(
+    dst: torch.Tensor,
+    dst_scale: torch.Tensor | None,
+    part: int | None,
+    src: torch.Tensor | fp8.BlockFp8,
+    name: str,
+) -> None:
+    """Put one checkpoint tensor (slot `part` of a fused destination): into a weight of the model
+    dtype (an fp8 one dequantized), or, with `dst_scale`, into an fp8 weight and its block scales."""
+    if dst_scale is None:
+        _copy_into(
+            _slot(dst, part), fp8.dequantize(src, dst.dtype) if isinstance(src, fp8.BlockFp8) else src, name
+        )
+        return
+    if not isinstance(src, fp8.BlockFp8):
+        raise CheckpointError(
+            f"tensor {name!r} is {src.dtype}, but the weights it is fused or stacked with are fp8"
+        )
+    _copy_into(_slot(dst, part), src.weight, name)
+    _copy_into(_slot(dst_scale, part), src.scale_inv, name + SCALE_SUFFIX)
+
+
 def _plan(reader: CheckpointReader, config: ModelConfig) -> dict[str, Target]:
-    return {name: t for name in reader.names if (t := translate(name, config)) is not None}
+    plan = {name: t for name in reader.names if (t := translate(name, config)) is not None}
+    for name, target in plan.items():
+        weight = name.removesuffix(SCALE_SUFFIX)
+        if target.scale and (weight not in plan or not reader.is_fp8(weight)):
+            raise CheckpointError(f"unexpected tensor {name!r}: block scales of {weight!r}, which is not fp8")
+    return plan
+
+
+def _keeps_fp8(reader: CheckpointReader, config: ModelConfig, fp8_weights: fp8.Fp8Weights) -> bool:
+    if fp8_weights not in ("keep", "dequantize"):
+        raise ValueError(f"fp8_weights must be 'keep' or 'dequantize', got {fp8_weights!r}")
+    return fp8_weights == "keep" and config.quantization is not None
+
+
+def _routed_experts_fp8(reader: CheckpointReader, plan: dict[str, Target]) -> bool:
+    """Whether the checkpoint's routed experts are fp8 (all of them or none: one stacked tensor)."""
+    kinds = {reader.is_fp8(n) for n, t in plan.items() if t.is_routed_expert and not t.scale}
+    if len(kinds) > 1:
+        raise CheckpointError("some routed expert weights are fp8 and others are not")
+    return kinds == {True}
+
+
+def _use_fp8_linears(
+    model: Transformer,
+    reader: CheckpointReader,
+    plan: dict[str, Target],
+    block: tuple[int, int],
+    dtype: torch.dtype,
+) -> None:
+    """Swap each nn.Linear whose checkpoint weight(s) are fp8 for a BlockFp8Linear (on meta)."""
+    kinds: dict[str, set[bool]] = {}
+    parts: dict[str, int] = {}
+    for name, t in plan.items():
+        if t.param is None or t.scale or ALWAYS_DEQUANTIZED.search(split_part(t.param)[0]):
+            continue
+        base, part = split_part(t.param)
+        kinds.setdefault(base, set()).add(reader.is_fp8(name))
+        parts[base] = 1 if part is None else 2
+    for base, kind in kinds.items():
+        if kind != {True}:
+            if len(kind) > 1:
+                raise CheckpointError(f"the halves of fused weight {base} are fp8 and not fp8 at once")
+            continue
+        path = base.removesuffix(".weight")
+        linear = model.get_submodule(path)
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"fp8 weight for {base}, which is not a linear layer")
+        parent, _, child = path.rpartition(".")
+        with torch.device("meta"):
+            swapped = fp8.BlockFp8Linear(
+                linear.in_features, linear.out_features, linear.bias is not None, block, parts[base], dtype
+            )
+        setattr(model.get_submodule(parent), child, swapped)
 
 
 def load_attention_side(
@@ -175,9 +292,10 @@ def load_attention_side(
     reader: CheckpointReader | None = None,
     max_positions: int | None = None,
     device: str | torch.device = "cpu",
+    fp8_weights: fp8.Fp8Weights = "dequantize",
 ) -> Transformer:
     """Everything but the routed experts, as an attention rank holds it."""
-    return _load_transformer(path, dtype, False, reader, max_positions, device)
+    return _load_transformer(path, dtype, False, reader, max_positions, device, fp8_weights)
 
 
 def load_model(
@@ -186,9 +304,11 @@ def load_model(
     reader: CheckpointReader | None = None,
     max_positions: int | None = None,
     device: str | torch.device = "cpu",
+    fp8_weights: fp8.Fp8Weights = "dequantize",
 ) -> Transformer:
-    """The whole model in one process: attention side plus every routed expert."""
-    return _load_transformer(path, dtype, True, reader, max_positions, device)
+    """The whole model in one process: attention side plus every routed expert. `dtype` is the
+    activations' (and non-fp8 weights') dtype; `fp8_weights` how an fp8 checkpoint's weights are held."""
+    return _load_transformer(path, dtype, True, reader, max_positions, device, fp8_weights)
 
 
 def load_experts(
@@ -197,6 +317,7 @@ def load_experts(
     dtype: torch.dtype = torch.float32,
     reader: CheckpointReader | None = None,
     device: str | torch.device = "cpu",
+    fp8_weights: fp8.Fp8Weights = "dequantize",
 ) -> dict[int, RoutedExperts]:
     """The given routed experts of every MoE layer, as an expert rank holds them."""
     config = ModelConfig.from_file(path)
@@ -205,8 +326,11 @@ def load_experts(
     bad = [e for e in ids if not 0 <= e < config.n_routed_experts]
     if bad:
         raise CheckpointError(f"expert ids {bad} out of range [0, {config.n_routed_experts})")
+    block = _routed_fp8_block(reader, config, _plan(reader, config), fp8_weights)
     experts = {
-        layer: RoutedExperts(config.hidden_size, config.moe_intermediate_size, ids, dtype=dtype).to(device)
+        layer: RoutedExperts(
+            config.hidden_size, config.moe_intermediate_size, ids, dtype=dtype, fp8_block=block
+        ).to(device)
         for layer in config.moe_layers
     }
     for module in experts.values():
@@ -222,21 +346,33 @@ def _load_transformer(
     reader: CheckpointReader | None,
     max_positions: int | None,
     device: str | torch.device,
+    fp8_weights: fp8.Fp8Weights,
 ) -> Transformer:
     config = ModelConfig.from_file(path)
     reader = reader or CheckpointReader(path)
+    plan = _plan(reader, config)
     with torch.device("meta"):
         model = Transformer(config, with_routed_experts=with_routed_experts)
     model = model.to(dtype)
     for module in model.modules():
         if isinstance(module, Router):
             module.float()  # routing stays fp32 (as transformers keeps gate.weight)
+    if _keeps_fp8(reader, config, fp8_weights):
+        assert config.quantization is not None
+        _use_fp8_linears(model, reader, plan, config.quantization.weight_block_size, dtype)
+    block = _routed_fp8_block(reader, config, plan, fp8_weights) if with_routed_experts else None
+    if block is not None:
+        for moe in model.modules():
+            if isinstance(moe, MoE) and moe.experts is not None:
+                with torch.device("meta"):
+                    moe.experts = RoutedExperts(
+                        config.hidden_size, config.moe_intermediate_size, moe.experts.expert_ids, dtype, block
+                    )
     model = model.to_empty(device=device)
     allocate_on_huge_pages(model)
     model.rope = RotaryEmbedding(config, max_positions).to(device)
     params = dict(model.named_parameters())
-    plan = _plan(reader, config)
-    wanted = {name: t for name, t in plan.items() if not t.is_routed_expert}
+    wanted = {name: t for name, t in plan.items() if not t.is_routed_expert and not t.scale}
     filled: set[str] = set()
     for name, target in wanted.items():
         assert target.param is not None
@@ -245,16 +381,15 @@ def _load_transformer(
         base, part = split_part(target.param)
         if base not in params:
             raise CheckpointError(f"unexpected tensor {name!r}: the config has no {base}")
-        _copy_into(_slot(params[base], part), reader.read(name), name)
+        scale = params.get(base + SCALE_SUFFIX)
+        store(params[base], scale, part, reader.read_weight(name, config), name)
         filled.add(target.param)
+        if scale is not None:
+            filled.add(base + SCALE_SUFFIX + ("" if part is None else f"[{part}/2]"))
     if config.tie_word_embeddings:
         model.head.weight = model.embed.weight
         filled.add("head.weight")
-    fused = {split_part(t)[0] for t in LAYER_NAMES.values() if split_part(t)[1] is not None}
-    fused_params = {p for p in params if any(p.endswith(f) for f in fused)}
-    complete = {
-        p for p in params if p in filled or (p in fused_params and {f"{p}[0/2]", f"{p}[1/2]"} <= filled)
-    }
+    complete = {p for p in params if p in filled or {f"{p}[0/2]", f"{p}[1/2]"} <= filled}
     missing = [p for p in params if p not in complete and not _is_routed_param(p)]
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor(s) for: {', '.join(sorted(missing)[:10])}")
@@ -270,9 +405,21 @@ def _is_routed_param(name: str) -> bool:
     return ".ffn.experts." in name
 
 
+def _routed_fp8_block(
+    reader: CheckpointReader, config: ModelConfig, plan: dict[str, Target], fp8_weights: fp8.Fp8Weights
+) -> tuple[int, int] | None:
+    """The block of fp8 routed experts that are kept fp8; None when they are held in the model dtype."""
+    if not _keeps_fp8(reader, config, fp8_weights) or not _routed_experts_fp8(reader, plan):
+        return None
+    assert config.quantization is not None
+    return config.quantization.weight_block_size
+
+
 def _fill_experts(reader: CheckpointReader, config: ModelConfig, experts: dict[int, RoutedExperts]) -> None:
     plan = _plan(reader, config)
-    by_key = {(t.layer, t.expert, t.stacked): name for name, t in plan.items() if t.is_routed_expert}
+    by_key = {
+        (t.layer, t.expert, t.stacked): name for name, t in plan.items() if t.is_routed_expert and not t.scale
+    }
     for layer, module in experts.items():
         for local, expert in enumerate(module.expert_ids):
             for stacked in EXPERT_NAMES.values():
@@ -282,7 +429,14 @@ def _fill_experts(reader: CheckpointReader, config: ModelConfig, experts: dict[i
                         f"checkpoint is missing routed expert {expert} ({stacked}) of layer {layer}"
                     )
                 base, part = split_part(stacked)
-                _copy_into(_slot(getattr(module, base)[local], part), reader.read(name), name)
+                scales = getattr(module, base + SCALE_SUFFIX)
+                store(
+                    getattr(module, base)[local],
+                    None if scales is None else scales[local],
+                    part,
+                    reader.read_weight(name, config),
+                    name,
+                )
     for (expert_layer, _, _), name in by_key.items():
         if expert_layer is not None and not config.is_moe_layer(expert_layer):
             raise CheckpointError(f"unexpected tensor {name!r}: layer {expert_layer} is dense in the config")

@@ -147,8 +147,11 @@ class MLA(nn.Module):
 
     def fuse_input_projections(self) -> None:
         """Store the query-side and KV-down weights in one tensor (both read x), so decode reads them
-        in one matmul; the two parameters become views of it, so nothing is duplicated."""
+        in one matmul; the two parameters become views of it, so nothing is duplicated. Weights kept
+        fp8 (`BlockFp8Linear`, each on its own block grid) stay two products."""
         first = self.wq_a if self.q_lora else self.wq
+        if not (isinstance(first, nn.Linear) and isinstance(self.wkv_a, nn.Linear)):
+            return
         with torch.no_grad():
             fused = on_huge_pages(torch.cat([first.weight, self.wkv_a.weight]))  # [n_q + C + R, D]
         n = first.weight.shape[0]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.workers.kernels.fused_moe import fused_moe, fused_moe_for
+from moeserve.workers.model import fp8
 from moeserve.workers.model.config import ModelConfig
 
 
@@ -87,14 +88,66 @@ class RoutedExperts(nn.Module):
     """A set of routed experts stored stacked: w13 [n, 2I, D] (gate ; up) and w2 [n, D, I].
 
     `expert_ids[i]` is the global id of local expert i; a single process hosts all of them.
+    With `fp8_block` the weights stay float8_e4m3fn with per-expert block scales `w13_scale_inv`
+    [n, 2 ceil(I/bn), ceil(D/bk)] (gate and up each on their own grid) and `w2_scale_inv`
+    [n, ceil(D/bn), ceil(I/bk)]; `dtype` is then the activations' dtype.
     """
 
-    def __init__(self, dim: int, inter_dim: int, expert_ids: list[int], dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        dim: int,
+        inter_dim: int,
+        expert_ids: list[int],
+        dtype: torch.dtype | None = None,
+        fp8_block: tuple[int, int] | None = None,
+    ):
         super().__init__()
         self.expert_ids = list(expert_ids)
+        self.fp8_block = fp8_block
+        self.act_dtype = dtype or torch.get_default_dtype()
         n = len(expert_ids)
-        self.w13 = nn.Parameter(torch.empty(n, 2 * inter_dim, dim, dtype=dtype))
-        self.w2 = nn.Parameter(torch.empty(n, dim, inter_dim, dtype=dtype))
+        weight_dtype, grad = (dtype, True) if fp8_block is None else (fp8.FP8, False)
+        self.w13 = nn.Parameter(torch.empty(n, 2 * inter_dim, dim, dtype=weight_dtype), requires_grad=grad)
+        self.w2 = nn.Parameter(torch.empty(n, dim, inter_dim, dtype=weight_dtype), requires_grad=grad)
+        self.w13_scale_inv: nn.Parameter | None = None
+        self.w2_scale_inv: nn.Parameter | None = None
+        if fp8_block is not None:
+            s13 = fp8.scale_shape(2 * inter_dim, dim, fp8_block, parts=2)
+            self.w13_scale_inv = nn.Parameter(torch.empty(n, *s13), requires_grad=False)
+            self.w2_scale_inv = nn.Parameter(
+                torch.empty(n, *fp8.scale_shape(dim, inter_dim, fp8_block)), requires_grad=False
+            )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the weights' unless they are fp8)."""
+        return self.act_dtype if self.fp8_block is not None else self.w2.dtype
+
+    def fused_scales(self) -> dict[str, object]:
+        """Keyword arguments that give `fused_moe` / `fused_moe_torch` the fp8 block scales ({} if none)."""
+        if self.fp8_block is None:
+            return {}
+        return {"w13_scale": self.w13_scale_inv, "w2_scale": self.w2_scale_inv, "block": self.fp8_block}
+
+    def gate_up(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """x [M, D] -> [M, 2I] through local expert i's fused gate ; up projection."""
+        if self.w13_scale_inv is None or self.fp8_block is None:
+            return F.linear(x, self.w13[i])
+        return fp8.linear(x, fp8.BlockFp8(self.w13[i], self.w13_scale_inv[i], self.fp8_block, parts=2))
+
+    def down(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        """h [M, I] -> [M, D] through local expert i's down projection."""
+        if self.w2_scale_inv is None or self.fp8_block is None:
+            return F.linear(h, self.w2[i])
+        return fp8.linear(h, fp8.BlockFp8(self.w2[i], self.w2_scale_inv[i], self.fp8_block))
+
+    def dense_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local expert i's (w13 [2I, D], w2 [D, I]) in the activation dtype (dequantized if fp8)."""
+        if self.w13_scale_inv is None or self.w2_scale_inv is None or self.fp8_block is None:
+            return self.w13[i], self.w2[i]
+        w13 = fp8.BlockFp8(self.w13[i], self.w13_scale_inv[i], self.fp8_block, parts=2)
+        w2 = fp8.BlockFp8(self.w2[i], self.w2_scale_inv[i], self.fp8_block)
+        return fp8.dequantize(w13, self.dtype), fp8.dequantize(w2, self.dtype)
 
     def forward_sorted(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """xs [N, D] sorted by local expert, counts[i] rows for local expert i -> [N, D]."""
@@ -103,7 +156,7 @@ class RoutedExperts(nn.Module):
         for i, n in enumerate(counts):
             if n:
                 rows = xs[start : start + n]
-                out[start : start + n] = F.linear(swiglu(F.linear(rows, self.w13[i])), self.w2[i])
+                out[start : start + n] = self.down(swiglu(self.gate_up(rows, i)), i)
                 start += n
         return out
 
@@ -113,7 +166,7 @@ class RoutedExperts(nn.Module):
         ops), then combines in the grouped path's order, so the result is bit-identical to it."""
         ids = local_ids.tolist()
         order = sorted(range(len(ids)), key=ids.__getitem__)  # ascending expert, as sort_by_expert
-        y = torch.cat([F.linear(swiglu(F.linear(x, self.w13[ids[j]])), self.w2[ids[j]]) for j in order])
+        y = torch.cat([self.down(swiglu(self.gate_up(x, ids[j])), ids[j]) for j in order])
         pairs = torch.tensor(order, device=x.device)
         return combine(y, pairs, torch.zeros_like(pairs), weights, 1)
 
@@ -123,9 +176,10 @@ class RoutedExperts(nn.Module):
         for t in range(x.shape[0]):
             for j in range(local_ids.shape[1]):
                 i = int(local_ids[t, j])
-                gate, up = self.w13[i].chunk(2, dim=0)
+                w13, w2 = self.dense_weights(i)
+                gate, up = w13.chunk(2, dim=0)
                 h = F.silu(x[t] @ gate.t()) * (x[t] @ up.t())
-                out[t] += (h @ self.w2[i].t()).float() * weights[t, j].float()
+                out[t] += (h @ w2.t()).float() * weights[t, j].float()
         return out.to(x.dtype)
 
 
@@ -199,7 +253,7 @@ class LocalRoutedExecutor:
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         experts = self.experts_by_layer[layer]
         if x.is_cuda:  # fused kernels: no loop over experts, no host sync
-            return fused_moe(x, experts.w13, experts.w2, ids, weights)
+            return fused_moe(x, experts.w13, experts.w2, ids, weights, **experts.fused_scales())
         if x.shape[0] == 1:  # a token's top-k experts are distinct: nothing to group
             return experts.forward_token(x, ids[0], weights[0])
         order, token, counts = sort_by_expert(ids, len(experts.expert_ids))
@@ -236,7 +290,8 @@ class MoE(nn.Module):
         if self.experts is None:
             raise ValueError(f"MoE layer {self.layer} holds no routed experts (an attention rank)")
         weights, ids = self.gate(x)
-        y = fused_moe_for(x.device)(x, self.experts.w13, self.experts.w2, ids, weights)
+        experts = self.experts
+        y = fused_moe_for(x.device)(x, experts.w13, experts.w2, ids, weights, **experts.fused_scales())
         return y if self.shared_experts is None else y + self.shared_experts(x)
 
     def start(self, x: torch.Tensor, routed: RoutedExecutor) -> PendingMoE:
