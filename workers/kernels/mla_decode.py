@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from moeserve.workers.kernels.cpu_capability import slow_16bit
 from moeserve.workers.kernels.runtime import (
     check_runnable,
     dot_dtype,
@@ -100,9 +101,12 @@ def paged_mla_decode_torch(
     b, nb = block_tables.shape
     _, block_size, width = cache.shape
     latents = cache[block_tables].view(b, nb * block_size, width)  # [B, L, C+R]
-    scores = torch.bmm(q, latents.transpose(1, 2)).float() * scale  # [B, H, L]
+    q_in = q
+    if slow_16bit(cache.dtype, cache.device):  # no native bf16 (AVX2): fp32 bmm is far faster
+        q_in, latents = q.float(), latents.float()
+    scores = torch.bmm(q_in, latents.transpose(1, 2)).float() * scale  # [B, H, L]
     beyond = torch.arange(nb * block_size, device=q.device)[None, None, :] >= context_lens[:, None, None]
-    probs = scores.masked_fill(beyond, float("-inf")).softmax(dim=-1).to(cache.dtype)
+    probs = scores.masked_fill(beyond, float("-inf")).softmax(dim=-1).to(latents.dtype)
     return torch.bmm(probs, latents[..., :kv_lora_rank]).to(q.dtype)  # [B, H, C]
 
 
