@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.workers.kernels.cpu_capability import slow_16bit
 from moeserve.workers.kernels.mla_decode import num_splits, paged_mla_decode_for
 from moeserve.workers.model.batch import DecodeInputs, ForwardBatch
 from moeserve.workers.model.config import ModelConfig
@@ -195,10 +196,12 @@ class MLA(nn.Module):
         w_uk, w_uv_t = self._absorbed_weights()
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, C]: W_UK absorbed
         q_full = torch.cat([q_lat, q_pe], dim=-1)  # [B, H, C+R], MQA query against [c_KV ; k_pe]
+        if slow_16bit(latents.dtype, latents.device):  # AVX2: bf16 bmm over the context is ~50x fp32's
+            q_full, latents = q_full.float(), latents.float()
         scores = torch.bmm(q_full, latents.transpose(1, 2)).float() * self.scale  # [B, H, L]
         scores = scores.masked_fill(padding, float("-inf"))
         probs = scores.softmax(dim=-1).to(latents.dtype)
-        o_lat = torch.bmm(probs, latents[..., : self.kv_rank])  # [B, H, C]
+        o_lat = torch.bmm(probs, latents[..., : self.kv_rank]).to(w_uv_t.dtype)  # [B, H, C]
         return torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, H, V]: W_UV applied after
 
     def _absorbed_paged(
