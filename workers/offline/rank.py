@@ -28,6 +28,7 @@ from moeserve.workers.model.transformer import Transformer
 from moeserve.workers.offline.generate import GenerationSettings, generate_lockstep
 from moeserve.workers.parallel.dispatch import AllToAllExecutor, DispatchStats, ExpertServer
 from moeserve.workers.parallel.launch import RankError
+from moeserve.workers.parallel.rebalance import ExpertBalancer
 from moeserve.workers.parallel.settings import EPSettings
 from moeserve.workers.parallel.world import Rendezvous, Role, init_world
 
@@ -86,6 +87,7 @@ def run_rank(
     )
     config = ModelConfig.from_file(model_path)
     placement = settings.expert_placement(config)
+    balance = settings.balance_settings(config)
     result = RankResult(rank, world.role)
     if world.role == "attention":
         model = load_attention_side(model_path, settings.dtype, device=world.device)
@@ -95,11 +97,12 @@ def run_rank(
         for run in runs:
             stats, t0 = DispatchStats(), time.perf_counter()
             hooks = time_routers(model, stats) if run.profile else []
+            balancer = ExpertBalancer(world, placement, balance)
             out = generate_lockstep(
                 model,
                 run.prompts[rank],
                 run.generation,
-                AllToAllExecutor(world, placement, stats),
+                AllToAllExecutor(world, placement, stats, balancer),
                 world,
                 run.ping_pong,
                 settings.block_size,
@@ -113,7 +116,7 @@ def run_rank(
             result.token_ids.append(out.token_ids)
             result.logits.append(out.logits)
             result.steps.append(out.steps)
-            result.stats.append(stats.as_dict())
+            result.stats.append({**stats.as_dict(), "rebalances": balancer.state.rebalances})
     else:
         ids = placement.ranks[layout.expert_index(rank)]
         experts = load_experts(model_path, ids, settings.dtype, device=world.device)
@@ -122,11 +125,19 @@ def run_rank(
         report("ready", rank, None)
         for run in runs:
             stats, t0 = DispatchStats(), time.perf_counter()
-            server = ExpertServer(world, experts, config.num_experts_per_tok, stats)
+            run_experts = dict(experts)  # a rebalance during the run changes this copy only
+            balancer = ExpertBalancer(world, placement, balance, run_experts)
+            server = ExpertServer(world, run_experts, config.num_experts_per_tok, stats, balancer)
             steps = server.serve(_reset_after_prefill(stats) if run.profile else None)
             result.seconds.append(time.perf_counter() - t0)
             result.steps.append(steps)
-            result.stats.append(stats.as_dict())
+            result.stats.append(
+                {
+                    **stats.as_dict(),
+                    "rebalances": balancer.state.rebalances,
+                    "expert_ids": {layer: list(m.expert_ids) for layer, m in run_experts.items()},
+                }
+            )
     result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     dist.destroy_process_group()
     return result

@@ -5,6 +5,7 @@ Per MoE layer and micro-batch, every rank of the world joins the same four colle
 2. dispatch: all-to-all of hidden states [M, D], local expert ids [M, K] (int32, -1 where the
    choice lives on another rank) and routing weights [M, K] fp32; a token goes to each expert rank
    hosting one of its choices, once, whatever the number of its choices there; no token is dropped;
+   a replicated expert's tokens go to one replica each, by token index (`placement.Routes`);
 3. (expert ranks) group the received (token, choice) pairs by local expert, run them with
    `RoutedExperts.forward_sorted` and sum each token's weighted outputs;
 4. combine: all-to-all of those partial sums [M, D] back; the attention rank adds them up per token.
@@ -29,7 +30,8 @@ import torch.distributed as dist
 
 from moeserve.workers.kernels.fused_moe import fused_moe
 from moeserve.workers.model.moe import RoutedExperts, combine, sort_by_expert
-from moeserve.workers.parallel.placement import ExpertPlacement
+from moeserve.workers.parallel.placement import ExpertPlacement, Routes
+from moeserve.workers.parallel.rebalance import ExpertBalancer
 from moeserve.workers.parallel.world import EPWorld, StepControl
 
 
@@ -104,7 +106,13 @@ class PendingCombine:
 class AllToAllExecutor:
     """The `RoutedExecutor` of an attention rank: its routed experts live on the expert ranks."""
 
-    def __init__(self, world: EPWorld, placement: ExpertPlacement, stats: DispatchStats | None = None):
+    def __init__(
+        self,
+        world: EPWorld,
+        placement: ExpertPlacement,
+        stats: DispatchStats | None = None,
+        balancer: ExpertBalancer | None = None,
+    ):
         if placement.num_ranks != world.layout.expert_ranks:
             raise ValueError(
                 f"placement has {placement.num_ranks} expert ranks, the world {world.layout.expert_ranks}"
@@ -112,8 +120,10 @@ class AllToAllExecutor:
         self.world = world
         self.stats = stats
         self.num_ranks = placement.num_ranks
-        self.rank_of = placement.rank_of_expert().to(world.device)  # [E] expert rank of each expert
-        self.local_index = placement.local_index().to(world.device)  # [E] index on that rank
+        self.routes = Routes(placement, world.device)  # every layer's, unless the balancer has its own
+        self.balancer = balancer
+        if balancer is not None:
+            world.between_steps = balancer  # it swaps its per-layer routes between two steps
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.start(layer, x, ids, weights).wait()
@@ -123,12 +133,15 @@ class AllToAllExecutor:
         t0 = time.perf_counter()
         world, a = self.world, self.world.layout.attention_ranks
         t = ids.shape[0]
-        dest = self.rank_of[ids]  # [T, K] expert rank of each choice
+        routes = self.balancer.routes[layer] if self.balancer is not None else self.routes
+        dest, index = routes.route(ids, salt=world.rank)  # [T, K] expert rank and local index of each choice
         hit = torch.zeros(t, self.num_ranks, dtype=torch.bool, device=x.device)
         hit.scatter_(1, dest, True)  # [T, R] which ranks each token visits
         rank, token = hit.t().nonzero(as_tuple=True)  # [M] rows ordered by rank, then token
         counts = hit.sum(dim=0)  # [R]
-        local = torch.where(dest[token] == rank[:, None], self.local_index[ids[token]], -1)  # [M, K]
+        local = torch.where(dest[token] == rank[:, None], index[token], -1)  # [M, K]
+        if self.balancer is not None:
+            self.balancer.record(layer, ids, counts)
         xs, local, w = x[token], local.to(torch.int32), weights[token].float()  # [M, D], [M, K], [M, K]
 
         send = torch.zeros(world.layout.size, dtype=torch.long, device=x.device)
@@ -167,11 +180,16 @@ class ExpertServer:
         experts_by_layer: dict[int, RoutedExperts],
         top_k: int,
         stats: DispatchStats | None = None,
+        balancer: ExpertBalancer | None = None,
     ):
         self.world = world
         self.top_k = top_k
-        self.experts_by_layer = experts_by_layer
+        self.experts_by_layer = experts_by_layer  # a rebalance replaces its entries between steps
         self.stats = stats
+        if balancer is not None:
+            if balancer.experts is not experts_by_layer:
+                raise ValueError("the balancer must hold this server's experts")
+            world.between_steps = balancer
         self._sending: list[tuple[dist.Work, list[torch.Tensor]]] = []  # buffers outlive their sends
 
     def serve(
@@ -206,7 +224,7 @@ class ExpertServer:
         """One dispatch -> grouped expert matmuls -> combine, for every attention rank at once."""
         world, experts, stats = self.world, self.experts_by_layer[layer], self.stats
         t0 = time.perf_counter()
-        size, dtype, dev = world.layout.size, experts.w2.dtype, world.device
+        size, dtype, dev = world.layout.size, experts.dtype, world.device  # activations' dtype
         send = torch.zeros(size, dtype=torch.long, device=dev)
         recv = world.exchange_counts(send, f"token counts of MoE layer {layer}")  # [N] -> [N]
         m, d, k = sum(recv), experts.w2.shape[1], self.top_k
@@ -228,7 +246,9 @@ class ExpertServer:
         n_local = len(experts.expert_ids)
         bucket = torch.where(local < 0, n_local, local.long())  # [M, K]; bucket n_local: not ours
         if xs.is_cuda:  # fused kernels: foreign pairs (bucket n_local) add nothing
-            partial = fused_moe(xs, experts.w13, experts.w2, bucket, w, foreign=True)  # [M, D]
+            partial = fused_moe(
+                xs, experts.w13, experts.w2, bucket, w, foreign=True, **experts.fused_scales()
+            )  # [M, D]
         else:
             order, token, counts = sort_by_expert(bucket, n_local + 1)
             pairs = sum(counts[:n_local])  # the foreign bucket sorts last

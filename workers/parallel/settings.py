@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.workers.model.config import ModelConfig
-from moeserve.workers.parallel.placement import ExpertPlacement
+from moeserve.workers.parallel.placement import ExpertPlacement, PlacementError
+from moeserve.workers.parallel.rebalance import BalanceSettings
 from moeserve.workers.parallel.world import Backend, WorldLayout
 
 
@@ -31,10 +32,34 @@ class EPSettings:
     """Explicit expert map (global expert ids per expert rank); None: `ExpertPlacement.for_model`."""
     block_size: int = 16
     """Tokens per KV-cache block."""
+    redundant_experts: int = 0
+    """R: expert slots beyond one per routed expert, spread over the expert ranks (0 = no replicas)."""
+    rebalance_interval: int = 0
+    """Steps between load-balancing checks (EPLB over the tokens counted since the last one); 0 = never."""
+    rebalance_min_gain: float = 0.05
+    """A new map replaces a layer's map only if it lowers that layer's predicted max/mean rank load
+    by at least this fraction (0 = any gain)."""
+    expert_nodes: int = 1
+    """Nodes the expert ranks span (consecutive ranks per node); > 1 keeps expert groups within nodes."""
 
     @property
     def layout(self) -> WorldLayout:
         return WorldLayout(self.attention_ranks, self.expert_ranks)
 
     def expert_placement(self, config: ModelConfig) -> ExpertPlacement:
-        return ExpertPlacement.for_model(config, self.expert_ranks, self.placement)
+        """The starting map; raises `PlacementError` (before any process starts) for bad settings."""
+        if self.rebalance_interval < 0:
+            raise PlacementError(f"rebalance interval must be >= 0 steps, got {self.rebalance_interval}")
+        if not 0 <= self.rebalance_min_gain < 1:
+            raise PlacementError(f"rebalance min gain must be in [0, 1), got {self.rebalance_min_gain}")
+        if self.expert_nodes < 1 or self.expert_ranks % self.expert_nodes:
+            raise PlacementError(
+                f"{self.expert_ranks} expert ranks do not split evenly over {self.expert_nodes} node(s)"
+            )
+        return ExpertPlacement.for_model(config, self.expert_ranks, self.placement, self.redundant_experts)
+
+    def balance_settings(self, config: ModelConfig) -> BalanceSettings:
+        groups = config.n_group if config.topk_method != "greedy" else 1
+        return BalanceSettings(
+            self.rebalance_interval, self.rebalance_min_gain, groups, self.expert_nodes, config.moe_layers
+        )

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,24 @@ class StepControl:
     """Micro-batches this rank wants the step split into (expert ranks ask for none)."""
     stop: bool = False
     """This rank leaves the lockstep (serving shuts down)."""
+    between: bool = False
+    """This rank asks every rank to run its `BetweenSteps` action before this step (a rebalance)."""
+
+
+class BetweenSteps(Protocol):
+    """Work every rank does in lockstep between two steps when any rank asks (`EPWorld.control`)."""
+
+    def wanted(self) -> bool:
+        """Whether this rank asks for the action at the start of this step."""
+        ...
+
+    def observe(self, agreed: StepControl) -> None:
+        """What the ranks agreed for the step about to run (called every step, before `run`)."""
+        ...
+
+    def run(self) -> None:
+        """The action; it may run collectives, which every rank joins in the same order."""
+        ...
 
 
 class CollectiveError(RuntimeError):
@@ -136,6 +154,7 @@ class EPWorld:
         self.watchdog = watchdog
         self.startup_group = startup_group or group  # the same ranks, with the startup timeout
         self.startup_timeout_s = startup_timeout_s or timeout_s
+        self.between_steps: BetweenSteps | None = None  # every rank installs one, or none does
 
     @property
     def role(self) -> Role:
@@ -203,11 +222,22 @@ class EPWorld:
 
         The one lockstep collective of offline generation and of serving alike: any rank with work
         makes every rank step (an idle one with an empty batch), the most micro-batches asked for is
-        what every rank runs, and any rank asking to stop makes all leave in the same iteration."""
-        work, micro_batches, stop = self._max_over_ranks(
-            [int(mine.work), mine.micro_batches, int(mine.stop)], "step control"
+        what every rank runs, and any rank asking to stop makes all leave in the same iteration.
+        When any rank asks (`between`, or its `between_steps.wanted()`), every rank runs its
+        `between_steps` action here, before the step, in the same iteration."""
+        hook = self.between_steps
+        asks = mine.between or (hook is not None and hook.wanted())
+        work, micro_batches, stop, between = self._max_over_ranks(
+            [int(mine.work), mine.micro_batches, int(mine.stop), int(asks)], "step control"
         )
-        return StepControl(bool(work), micro_batches, bool(stop))
+        agreed = StepControl(bool(work), micro_batches, bool(stop), bool(between))
+        if hook is not None and not agreed.stop:
+            hook.observe(agreed)
+        if agreed.between and not agreed.stop:
+            if hook is None:
+                raise CollectiveError(f"{self.name}: a rank asked for a between-steps action this rank lacks")
+            hook.run()
+        return agreed
 
     def _max_over_ranks(self, values: list[int], what: str) -> list[int]:
         """Element-wise MAX of `values` over every rank of the world (all of them must call it)."""

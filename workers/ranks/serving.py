@@ -10,6 +10,7 @@ world, loads this rank's experts and serves until the world stops. Local process
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -30,9 +31,12 @@ from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.loader import load_attention_side, load_experts
 from moeserve.workers.model.tokenizer import Tokenizer
 from moeserve.workers.parallel.dispatch import AllToAllExecutor, ExpertServer
+from moeserve.workers.parallel.rebalance import ExpertBalancer
 from moeserve.workers.parallel.settings import EPSettings
 from moeserve.workers.parallel.world import EPWorld, init_world
 from moeserve.workers.ranks.lockstep import LockstepLoop, serve_experts
+
+log = logging.getLogger(__name__)
 
 # (front-end key, output) from an attention rank's engine thread
 OutputCallback = Callable[[int, RequestOutput], None]
@@ -77,7 +81,9 @@ class AttentionRank:
     ):
         config = ModelConfig.from_file(spec.model_path)
         model = load_attention_side(spec.model_path, spec.ep.dtype, device=world.device)
-        routed = AllToAllExecutor(world, spec.ep.expert_placement(config))
+        placement = spec.ep.expert_placement(config)
+        self.balancer = ExpertBalancer(world, placement, spec.ep.balance_settings(config))
+        routed = AllToAllExecutor(world, placement, balancer=self.balancer)
         self.runner = LocalModelRunner(
             model, spec.engine.num_blocks, spec.engine.block_size, routed, world.device
         )
@@ -176,7 +182,16 @@ def run_expert_rank(spec: ServingRankSpec, world: EPWorld, stop: threading.Event
     placement = spec.ep.expert_placement(config)
     ids = placement.ranks[world.layout.expert_index(world.rank)]
     experts = load_experts(spec.model_path, ids, spec.ep.dtype, device=world.device)
+    weights = sum(p.numel() * p.element_size() for m in experts.values() for p in m.parameters())
+    log.info(
+        "%s: %d expert slots, %.1f MiB of expert weights; %s",
+        world.name,
+        len(ids),
+        weights / 2**20,
+        placement.describe(),
+    )
+    balancer = ExpertBalancer(world, placement, spec.ep.balance_settings(config), experts)
     world.wait_for_all_ranks()
-    steps = serve_experts(ExpertServer(world, experts, config.num_experts_per_tok), stop)
+    steps = serve_experts(ExpertServer(world, experts, config.num_experts_per_tok, balancer=balancer), stop)
     dist.destroy_process_group()
     return steps
