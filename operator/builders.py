@@ -173,6 +173,7 @@ def serve_deploy_document(spec: MoEServiceSpec) -> Manifest:
     """The body of `PUT /api/serve/applications/`; no application at all when scaled to zero."""
     return {
         "proxy_location": "HeadOnly",
+        "http_options": {"host": "0.0.0.0", "port": spec.serving.http_port},
         "grpc_options": {
             "port": spec.serving.grpc_port,
             "grpc_servicer_functions": list(contract.SERVE_GRPC_SERVICER_FUNCTIONS),
@@ -280,7 +281,10 @@ def client_service(owner: Owner, spec: MoEServiceSpec) -> Manifest:
                 **labels(owner.name, contract.ROLE_HEAD),
                 contract.LABEL_SERVE_READY: contract.SERVE_READY,
             },
-            "ports": [_service_port(contract.GRPC_PORT_NAME, spec.serving.grpc_port)],
+            "ports": [
+                _service_port(contract.GRPC_PORT_NAME, spec.serving.grpc_port),
+                _service_port(contract.HTTP_PORT_NAME, spec.serving.http_port),
+            ],
         },
     }
 
@@ -290,6 +294,7 @@ def _head_ports(spec: MoEServiceSpec) -> list[tuple[str, int]]:
         (contract.RAY_GCS_PORT_NAME, contract.RAY_GCS_PORT),
         (contract.RAY_DASHBOARD_PORT_NAME, contract.RAY_DASHBOARD_PORT),
         (contract.GRPC_PORT_NAME, spec.serving.grpc_port),
+        (contract.HTTP_PORT_NAME, spec.serving.http_port),
     ]
 
 

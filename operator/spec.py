@@ -81,6 +81,9 @@ class RankGroup:
 class Serving:
     grpc_port: int = Ports.grpc
     """Ray Serve gRPC proxy port: on the head pod, the head Service and the client Service."""
+    http_port: int = Ports.http
+    """Ray Serve HTTP proxy port (the OpenAI HTTP API): on the head pod, the head Service and the
+    client Service (port name `http`)."""
     metrics_port: int = Ports.metrics
     """Prometheus port of attention rank 0 of each model instance."""
     collective_timeout_s: float = ServeAppConfig.collective_timeout_s
@@ -150,6 +153,7 @@ class MoEServiceSpec:
             experts=_rank_group(experts, "spec.experts", ServeAppConfig.expert_ranks, placement),
             serving=Serving(
                 grpc_port=_value(serving, "grpcPort", int, "spec.serving", Serving.grpc_port),
+                http_port=_value(serving, "httpPort", int, "spec.serving", Serving.http_port),
                 metrics_port=_value(serving, "metricsPort", int, "spec.serving", Serving.metrics_port),
                 collective_timeout_s=float(
                     _value(
@@ -216,7 +220,11 @@ def serve_app_config(spec: MoEServiceSpec, replicas: int | None = None) -> Serve
             **{f: getattr(spec.serving.engine, f) for f in ENGINE_FIELDS.values()},
             "max_model_len": spec.model.max_model_len,
         },
-        "ports": {"grpc": spec.serving.grpc_port, "metrics": spec.serving.metrics_port},
+        "ports": {
+            "grpc": spec.serving.grpc_port,
+            "metrics": spec.serving.metrics_port,
+            "http": spec.serving.http_port,
+        },
     }
     return ServeAppConfig.from_dict(raw)
 

@@ -14,6 +14,7 @@ GRPC_PACKAGE: Final = "moeserve.v1"
 INFERENCE_SERVICE: Final = "moeserve.v1.Inference"  # full service name, as health checks name it
 DEFAULT_GRPC_PORT: Final = 50051
 GRPC_PORT_NAME: Final = "grpc"  # Kubernetes container/Service port name
+HTTP_PORT_NAME: Final = "http"  # the OpenAI HTTP API (Ray Serve's HTTP proxy under the operator)
 
 # Prometheus metrics (plain HTTP)
 DEFAULT_METRICS_PORT: Final = 9400

@@ -37,6 +37,17 @@ class Ports:
     """Prometheus port (`/metrics`) of Ray's metrics agent on every node (`ray start
     --metrics-export-port`; `moeserve serve --ray` sets it on the Ray it starts): Ray's metrics and
     the attention ranks' engine metrics as `ray_moeserve_*`."""
+    http: int = 8000
+    """Ray Serve's HTTP proxy port: the OpenAI HTTP API (`/v1/...`, `/health`). 0: no HTTP API
+    (Serve's proxy then listens on a free loopback port that nothing is told about)."""
+
+
+@dataclass(frozen=True)
+class OpenAISpec:
+    served_model_name: str = ""
+    """The model's name in the OpenAI API; "" = the model directory's name."""
+    chat_template: str = ""
+    """A jinja2 chat template (its text) overriding the model's (`tokenizer_config.json`); "" = none."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,7 @@ class ServeAppConfig:
     engine: EngineSettings = field(default_factory=EngineSettings)
     """Limits of every attention rank's engine (the same type `moeserve serve` builds from its flags)."""
     ports: Ports = field(default_factory=Ports)
+    openai: OpenAISpec = field(default_factory=OpenAISpec)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +96,13 @@ class ServeAppConfig:
             port = getattr(self.ports, name)
             _check(1 <= port <= 65535, f"ports.{name}", f"{port} is not a valid port")
         _check(self.ports.grpc != self.ports.metrics, "ports.metrics", "must differ from ports.grpc")
+        http = self.ports.http
+        _check(0 <= http <= 65535, "ports.http", f"{http} is not a valid port (0: no HTTP API)")
+        _check(
+            self.ports.http not in (self.ports.grpc, self.ports.metrics),
+            "ports.http",
+            "must differ from ports.grpc and ports.metrics",
+        )
         if self.placement is not None:
             _check(
                 len(self.placement) == self.expert_ranks,
@@ -107,6 +126,7 @@ _NESTED: dict[tuple[type, str], type] = {
     (ServeAppConfig, "model"): ModelSpec,
     (ServeAppConfig, "engine"): EngineSettings,
     (ServeAppConfig, "ports"): Ports,
+    (ServeAppConfig, "openai"): OpenAISpec,
     (EngineSettings, "limits"): RequestLimits,
 }
 

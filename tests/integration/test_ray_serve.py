@@ -1,6 +1,7 @@
 """The Ray Serve application on one small local Ray cluster: gRPC through Serve's proxy gives the
-single-process server's greedy outputs, two model instances serve together, a killed expert actor
-ends its stream UNAVAILABLE and its instance serves again, and bad configs start nothing."""
+single-process server's greedy outputs, and so does the OpenAI HTTP API through Serve's HTTP proxy
+(the official `openai` client); two model instances serve together, a killed expert actor ends its
+stream UNAVAILABLE and its instance serves again, and bad configs start nothing."""
 
 from __future__ import annotations
 
@@ -32,6 +33,15 @@ from moeserve.workers.server.app import BackgroundServer, local_loader
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 10.0
+SERVED_NAME = "tiny-serve"
+# A DeepSeek-V2-style chat template, given as the app's override (`openai.chat_template`).
+TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] }}"
+    "{% else %}{{ message['content'] + '\n\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 
 def app_config(path: Path, **changes: Any) -> dict[str, Any]:
@@ -46,6 +56,7 @@ def app_config(path: Path, **changes: Any) -> dict[str, Any]:
             "kv_cache_tokens": MAIN_SETTINGS.kv_cache_tokens,
             "max_model_len": MAIN_SETTINGS.max_model_len,
         },
+        "openai": {"served_model_name": SERVED_NAME, "chat_template": TEMPLATE},
         **changes,
     }
 
@@ -82,7 +93,13 @@ def metrics_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def address(serving_checkpoint: Path, metrics_port: int) -> Iterator[str]:
+def http_port() -> int:
+    """Serve's HTTP proxy: the OpenAI HTTP API."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def address(serving_checkpoint: Path, metrics_port: int, http_port: int) -> Iterator[str]:
     from ray.serve.config import gRPCOptions
 
     from moeserve.workers.ray_app.app import build_app
@@ -96,7 +113,7 @@ def address(serving_checkpoint: Path, metrics_port: int) -> Iterator[str]:
     )
     try:
         serve.start(
-            http_options={"port": 0},
+            http_options={"host": "127.0.0.1", "port": http_port},
             grpc_options=gRPCOptions(
                 port=port, grpc_servicer_functions=list(contract.SERVE_GRPC_SERVICER_FUNCTIONS)
             ),
@@ -228,6 +245,117 @@ def test_grpc_through_serve_matches_the_single_process_server(address: str, refe
     with InferenceClient(address) as client:
         info = client.model_info()
     assert (info.attention_ranks, info.expert_ranks, info.max_model_len) == (1, 2, 256)
+
+
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "experts route latent"},
+]
+
+
+def http_outputs(base_url: str) -> dict[str, Any]:
+    """What the OpenAI API answers to a fixed set of greedy requests (streamed and not)."""
+    import openai
+
+    with openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=120) as api:
+        out: dict[str, Any] = {"models": [m.id for m in api.models.list().data]}
+        prompts: list[Any] = [list(range(3, 8)), list(range(40, 73))]
+        done = api.completions.create(model=SERVED_NAME, prompt=prompts, max_tokens=7, temperature=0.0)
+        out["completions"] = sorted((c.index, c.text, c.finish_reason) for c in done.choices)
+        out["usage"] = done.usage.model_dump() if done.usage else None
+        text = api.completions.create(model=SERVED_NAME, prompt="experts route latent", max_tokens=5)
+        out["text"] = (text.choices[0].text, text.choices[0].finish_reason)
+        stream = api.completions.create(
+            model=SERVED_NAME, prompt=prompts[1], max_tokens=9, temperature=0.0, stream=True
+        )
+        out["streamed"] = "".join(c.choices[0].text for c in stream if c.choices)
+        chat = api.chat.completions.create(model=SERVED_NAME, messages=CHAT, max_tokens=6, temperature=0.0)  # type: ignore[arg-type]
+        usage = chat.usage.model_dump() if chat.usage else None
+        out["chat"] = (chat.choices[0].message.content, chat.choices[0].finish_reason, usage)
+        deltas = api.chat.completions.create(
+            model=SERVED_NAME, messages=CHAT, max_tokens=6, temperature=0.0, stream=True  # type: ignore[arg-type]
+        )
+        out["chat_streamed"] = [(c.choices[0].delta.role, c.choices[0].delta.content) for c in deltas]
+    return out
+
+
+@pytest.fixture(scope="module")
+def http_reference(serving_checkpoint: Path) -> dict[str, Any]:
+    """The standalone server's OpenAI API answers, with the same served name and template."""
+    from moeserve.workers.server.openai_api.chat_template import ChatTemplate
+    from moeserve.workers.server.openai_api.routes import HTTPOptions
+
+    template = ChatTemplate.from_model_dir(serving_checkpoint, override_source=TEMPLATE)
+    http = HTTPOptions(0, SERVED_NAME, template)
+    loader = local_loader(serving_checkpoint, torch.float32, MAIN_SETTINGS)
+    with BackgroundServer(loader, http=http) as server:
+        assert server.server is not None and server.server.http_port
+        return http_outputs(f"http://127.0.0.1:{server.server.http_port}")
+
+
+def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_openai_api_through_serves_http_proxy_matches_the_standalone_server(
+    address: str, http_port: int, http_reference: dict[str, Any]
+) -> None:
+    got = http_outputs(f"http://127.0.0.1:{http_port}")
+    assert got == http_reference
+    assert got["models"] == [SERVED_NAME] and got["chat"][0]  # the chat template rendered a prompt
+    assert got["chat_streamed"][0][0] == "assistant"  # the role first, then the content deltas
+    assert "".join(text or "" for _, text in got["chat_streamed"]) == got["chat"][0]
+
+
+def test_openai_api_through_serve_rejects_bad_input_and_keeps_serving(address: str, http_port: int) -> None:
+    import urllib.request
+
+    base = f"http://127.0.0.1:{http_port}"
+    for body, param in (
+        ({"prompt": [1], "top_p": 1.5}, "top_p"),
+        ({"prompt": [1] * 300}, "prompt"),
+        ({"prompt": [1], "max_tokens": 0}, "max_tokens"),
+        ({"prompt": [1], "n": 0}, "n"),
+    ):
+        status, answer = post(base + "/v1/completions", {"model": SERVED_NAME, **body})
+        assert status == 400 and answer["error"]["param"] == param, answer
+        assert answer["error"]["message"].startswith(f"{param}:"), answer
+    status, answer = post(base + "/v1/completions", {"model": "other", "prompt": "hi"})
+    assert status == 404 and answer["error"]["param"] == "model", answer
+    with urllib.request.urlopen(base + "/health", timeout=30) as r:
+        assert r.status == 200
+    status, answer = post(base + "/v1/completions", {"prompt": [3, 4], "max_tokens": 3, "ignore_eos": True})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 3, answer
+
+
+def test_an_http_client_that_leaves_mid_stream_frees_the_rank(address: str, http_port: int) -> None:
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=120)
+    body = {"prompt": list(range(2, 30)), "max_tokens": 220, "ignore_eos": True, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: ")  # generating
+    held = [ray.get(a.stats.remote(), timeout=30)["requests"] for a in rank_actors("attention").values()]
+    assert sorted(held) == [0, 1]
+    conn.close()
+    deadline = time.monotonic() + 60  # the proxy notices the disconnect and cancels the replica's request
+    while True:
+        stats = [ray.get(a.stats.remote(), timeout=30) for a in rank_actors("attention").values()]
+        if all(s["requests"] == 0 and s["kv_blocks_used"] == 0 for s in stats):
+            break
+        assert time.monotonic() < deadline, f"the rank still holds the request: {stats}"
+        time.sleep(0.2)
 
 
 def test_two_model_instances_serve_concurrent_requests(address: str, reference: list[tuple]) -> None:

@@ -130,6 +130,12 @@ def test_the_client_service_routes_only_to_a_head_whose_application_runs(
         90,
     )
     assert cluster.endpoint_addresses(ns, name) == set()
+    # the client Service carries gRPC and the OpenAI HTTP API, the head's named container ports
+    client = json.loads(kubectl("get", "service", name, "-n", ns, "-o", "json").stdout)
+    assert [(p["name"], p["port"], p["targetPort"]) for p in client["spec"]["ports"]] == [
+        ("grpc", 9000, "grpc"),
+        ("http", 8000, "http"),
+    ]
 
     set_app_status(dashboard, "RUNNING")
 

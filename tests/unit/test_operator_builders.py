@@ -67,10 +67,11 @@ def test_chart_example_maps_onto_a_valid_serve_app_config() -> None:
 def test_deploy_document_is_accepted_by_ray_serve_and_carries_the_app_config() -> None:
     from ray.serve.schema import ServeDeploySchema  # the schema Ray's PUT handler validates with
 
-    spec = spec_of(serving={"grpcPort": 9100})
+    spec = spec_of(serving={"grpcPort": 9100, "httpPort": 8100})
     document = builders.serve_deploy_document(spec)
     parsed = ServeDeploySchema.model_validate(document)
     assert parsed.grpc_options.port == 9100
+    assert (parsed.http_options.host, parsed.http_options.port) == ("0.0.0.0", 8100)  # OpenAI API
     assert parsed.grpc_options.grpc_servicer_functions == [
         "moeserve.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
         "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
@@ -319,7 +320,7 @@ def test_scaling_keeps_the_pod_templates_and_a_spec_change_does_not() -> None:
 
 
 def test_services_expose_the_head_and_the_grpc_endpoint() -> None:
-    spec = spec_of(serving={"grpcPort": 9100})
+    spec = spec_of(serving={"grpcPort": 9100, "httpPort": 8100})
     head, client = builders.desired_state(OWNER, spec).services
     head_selector = builders.labels("demo", "head")
     assert head_selector[contract.LABEL_ROLE] == "head" and head_selector[contract.LABEL_SERVICE] == "demo"
@@ -331,12 +332,16 @@ def test_services_expose_the_head_and_the_grpc_endpoint() -> None:
         "gcs": 6379,
         "dashboard": 8265,
         "grpc": 9100,
+        "http": 8100,
     }
     assert [(p["name"], p["port"], p["targetPort"]) for p in client["spec"]["ports"]] == [
-        ("grpc", 9100, "grpc")
+        ("grpc", 9100, "grpc"),
+        ("http", 8100, "http"),
     ]
     ports = {p["name"]: p["containerPort"] for p in container(builders.head_pod(OWNER, spec))["ports"]}
-    assert ports == {"gcs": 6379, "dashboard": 8265, "grpc": 9100, "agent": 52365, "metrics": 8080}
+    want = {"gcs": 6379, "dashboard": 8265, "grpc": 9100, "http": 8100, "agent": 52365, "metrics": 8080}
+    assert ports == want
+    assert serve_app_config(spec).ports.http == 8100
     assert builders.endpoint(OWNER, spec) == "demo.models.svc:9100"
 
 
@@ -533,7 +538,8 @@ def test_a_minimal_spec_gets_the_defaults() -> None:
     spec = MoEServiceSpec.from_dict({"image": IMAGE_MIN, "model": {"path": "/m"}})
     cfg = serve_app_config(spec)
     assert (cfg.replicas, cfg.attention_ranks, cfg.expert_ranks, cfg.placement) == (1, 1, 1, None)
-    assert (cfg.ports.grpc, cfg.ports.metrics, cfg.engine) == (9000, 8080, EngineSettings())
+    assert (cfg.ports.grpc, cfg.ports.metrics, cfg.ports.http) == (9000, 8080, 8000)
+    assert cfg.engine == EngineSettings()
     assert cfg.gpus_per_attention_rank == 1.0 and cfg.gpus_per_expert_rank == 1.0
     assert spec.scheduling.packing == "Preferred" and spec.scheduling.topology_key == "kubernetes.io/hostname"
     assert spec.model.volume is None and spec.probes.startup_s == 600 and spec.image_pull_policy == ""

@@ -21,6 +21,8 @@ from typing import Any
 
 import grpc
 import torch
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
@@ -37,9 +39,14 @@ from moeserve.workers.model.tokenizer import Tokenizer
 from moeserve.workers.parallel.placement import PlacementError
 from moeserve.workers.parallel.settings import EPSettings
 from moeserve.workers.ranks.serving import ServingRankSpec
+from moeserve.workers.ray_app.openai_ingress import ServeRequestLoop
 from moeserve.workers.ray_app.ranks import ModelInstanceCore
 from moeserve.workers.ray_app.routing import READY_STAT, router_config
 from moeserve.workers.server.convert import check_sizes, model_info, to_engine, to_response
+from moeserve.workers.server.openai_api.chat_template import ChatTemplate
+from moeserve.workers.server.openai_api.convert import ApiError
+from moeserve.workers.server.openai_api.routes import HTTPOptions, create_app
+from moeserve.workers.server.servicer import Backend, ServingState
 
 log = logging.getLogger(__name__)
 APP_NAME = contract.SERVE_APP_NAME  # the Serve application `moeserve serve --ray` runs
@@ -147,10 +154,12 @@ class ModelInstance:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress()
 class InferenceIngress:
-    """`moeserve.v1.Inference` behind Ray Serve's gRPC proxy."""
+    """`moeserve.v1.Inference` behind Ray Serve's gRPC proxy, and the OpenAI HTTP API (the
+    standalone server's FastAPI app, `openai_ingress`) behind its HTTP proxy."""
 
-    def __init__(self, model: DeploymentHandle, health: DeploymentHandle, config: dict[str, Any]):
+    async def __init__(self, model: DeploymentHandle, health: DeploymentHandle, config: dict[str, Any]):  # type: ignore[misc]
         cfg = ServeAppConfig.from_dict(config)
         spec = rank_spec(cfg)
         self.model = model
@@ -167,6 +176,27 @@ class InferenceIngress:
             cfg.attention_ranks,
             cfg.expert_ranks,
         )
+        self.http = HTTPOptions(
+            cfg.ports.http,
+            cfg.openai.served_model_name or None,
+            ChatTemplate.from_model_dir(spec.model_path, override_source=cfg.openai.chat_template),
+        )
+        self.http_loop = ServeRequestLoop(self.engine, model, health)
+        self.metrics_port = cfg.ports.metrics
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The OpenAI API app (Serve calls this once, after `__init__`). Under Ray the engine metrics
+        are exported by every node's Ray metrics agent, so `/metrics` here says where they are."""
+        state = ServingState(Backend(self.http_loop, self.tokenizer, self.info))  # type: ignore[arg-type]
+        state.idle.set()
+        app = create_app(state, None, self.http)
+        where = f"metrics: under Ray Serve, scrape each node's Ray metrics port :{self.metrics_port}/metrics"
+
+        @app.get("/metrics")
+        async def metrics() -> JSONResponse:
+            return JSONResponse(ApiError(404, where, None, "not_found").body(), status_code=404)
+
+        return app
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, grpc_context: RayServegRPCContext
@@ -270,10 +300,16 @@ def run_with_ray(cfg: ServeAppConfig, ray_address: str | None, host: str = "0.0.
         grpc_options = gRPCOptions(
             port=cfg.ports.grpc, grpc_servicer_functions=list(contract.SERVE_GRPC_SERVICER_FUNCTIONS)
         )
-        serve.start(http_options={"host": host, "port": 0}, grpc_options=grpc_options)
+        # Serve always runs an HTTP proxy; without the HTTP API it listens on a free loopback port.
+        http = {"host": host, "port": cfg.ports.http} if cfg.ports.http else {"host": "127.0.0.1", "port": 0}
+        serve.start(http_options=http, grpc_options=grpc_options)
         serve.run(app, name=APP_NAME)
         metrics = "" if ray_address else f", metrics on :{cfg.ports.metrics}{contract.METRICS_PATH}"
-        print(f"moeserve: serving through Ray Serve's gRPC proxy on :{cfg.ports.grpc}{metrics}", flush=True)
+        api = f", OpenAI HTTP API on :{cfg.ports.http}" if cfg.ports.http else ""
+        print(
+            f"moeserve: serving through Ray Serve's gRPC proxy on :{cfg.ports.grpc}{api}{metrics}",
+            flush=True,
+        )
         threading.Event().wait()
     except _Stop:
         log.info("signal received; stopping")

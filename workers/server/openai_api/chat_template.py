@@ -48,10 +48,13 @@ class ChatTemplate:
         self.special_tokens = dict(special_tokens or {})
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path, override: Path | None = None) -> ChatTemplate | None:
-        """The template of `override` (a jinja file) or of the model's tokenizer_config.json
-        (`chat_template`: a string, or a list of named templates of which "default" is used);
-        None when there is none. The special tokens always come from tokenizer_config.json."""
+    def from_model_dir(
+        cls, model_dir: Path, override: Path | None = None, override_source: str = ""
+    ) -> ChatTemplate | None:
+        """The template of `override` (a jinja file), of `override_source` (its text) or of the
+        model's tokenizer_config.json (`chat_template`: a string, or a list of named templates of
+        which "default" is used); None when there is none. The special tokens always come from
+        tokenizer_config.json."""
         config: dict[str, Any] = {}
         config_file = model_dir / "tokenizer_config.json"
         if config_file.is_file():
@@ -59,6 +62,8 @@ class ChatTemplate:
         tokens = {k: t for k in SPECIAL_TOKENS if (t := _token_text(config.get(k))) is not None}
         if override is not None:
             return cls(override.read_text(), tokens)
+        if override_source:
+            return cls(override_source, tokens)
         source = config.get("chat_template")
         if isinstance(source, list):
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, Mapping)}

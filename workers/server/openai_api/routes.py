@@ -56,7 +56,8 @@ async def disconnected(request: Request) -> None:
         pass
 
 
-def create_app(state: ServingState, registry: CollectorRegistry, config: HTTPOptions) -> FastAPI:
+def create_app(state: ServingState, registry: CollectorRegistry | None, config: HTTPOptions) -> FastAPI:
+    """The app; `registry` None: no `/metrics` route here (Ray Serve exports metrics per node)."""
     app = FastAPI(title="moeserve", docs_url=None, redoc_url=None, openapi_url=None)
 
     def model_name(backend: Backend) -> str:
@@ -74,9 +75,12 @@ def create_app(state: ServingState, registry: CollectorRegistry, config: HTTPOpt
             return JSONResponse({"status": "not_serving", "reason": e.message}, status_code=503)
         return JSONResponse({"status": "serving"})
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(await asyncio.to_thread(generate_latest, registry), media_type=CONTENT_TYPE_LATEST)
+    if registry is not None:
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            data = await asyncio.to_thread(generate_latest, registry)
+            return Response(data, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
