@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "kernels"))
 
+import fp8_checks  # noqa: E402
 import mla_checks  # noqa: E402
 import moe_checks  # noqa: E402
 
@@ -24,6 +25,22 @@ pytestmark = [
 @pytest.mark.parametrize("name", moe_checks.CASES)
 def test_fused_moe_matches_naive_on_cuda(name: str, dtype: str) -> None:
     moe_checks.check_fused_moe_matches_naive(name, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", fp8_checks.DTYPES)
+@pytest.mark.parametrize("name", fp8_checks.GEMM_CASES)
+def test_fp8_gemm_matches_naive_on_cuda(name: str, dtype: str) -> None:
+    fp8_checks.check_fp8_gemm_matches_naive(name, dtype, "cuda")
+
+
+def test_every_e4m3_pattern_decodes_exactly_on_cuda() -> None:
+    fp8_checks.check_every_e4m3_pattern_decodes_exactly("cuda")
+
+
+@pytest.mark.parametrize("dtype", fp8_checks.DTYPES)
+@pytest.mark.parametrize("name", fp8_checks.MOE_CASES)
+def test_fused_moe_with_fp8_experts_matches_naive_on_cuda(name: str, dtype: str) -> None:
+    fp8_checks.check_fused_moe_fp8_matches_naive(name, dtype, "cuda")
 
 
 @pytest.mark.parametrize("dtype", mla_checks.DTYPES)
