@@ -193,10 +193,6 @@ def http_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> o
             if value is not None:
                 parser.error(f"{flag}: not with --no-http")
         return None
-    if args.ray and args.http_port is not None:
-        parser.error("--http-port: the OpenAI HTTP API is not served with --ray yet")
-    if args.ray:
-        return None
     port = DEFAULT_HTTP_PORT if args.http_port is None else args.http_port
     if not 0 <= port <= 65535:
         parser.error(f"--http-port: must be in [0, 65535], got {port}")
@@ -271,9 +267,12 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
 
 def run_ray_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`moeserve serve --ray`: the same flags, as the `ServeAppConfig` the operator would generate."""
-    from moeserve.serve_config import ModelSpec, Ports, ServeAppConfig, ServeConfigError
+    from moeserve.serve_config import ModelSpec, OpenAISpec, Ports, ServeAppConfig, ServeConfigError
     from moeserve.workers.ray_app.app import run_with_ray
 
+    http = http_options(parser, args)  # checks the flags and the template; Ray's proxy gets a fixed port
+    http_port = 0 if http is None else (http.port or free_port(args.host))  # type: ignore[attr-defined]
+    template = "" if args.chat_template is None else args.chat_template.read_text()
     cfg = ServeAppConfig(
         model=ModelSpec(path=str(args.model), dtype=args.dtype),
         replicas=args.replicas,
@@ -281,7 +280,8 @@ def run_ray_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         expert_ranks=args.expert_ranks or 1,
         collective_timeout_s=args.collective_timeout,
         engine=engine_settings(parser, args),
-        ports=Ports(grpc=args.port, metrics=args.metrics_port),
+        ports=Ports(grpc=args.port, metrics=args.metrics_port, http=http_port),
+        openai=OpenAISpec(served_model_name=args.served_model_name or "", chat_template=template),
     )
     try:
         cfg.validate()
@@ -290,6 +290,16 @@ def run_ray_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_with_ray(cfg, args.ray_address, args.host)
     return 0
+
+
+def free_port(host: str) -> int:
+    """A port free on `host` now, for `--ray --http-port 0` (Ray Serve's proxy needs a fixed one)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def run_remote_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
