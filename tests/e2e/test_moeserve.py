@@ -11,6 +11,7 @@ on the same checkpoint, in this process's environment. Timings are printed (`-s`
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import shutil
@@ -339,11 +340,13 @@ def test_tokens_through_cluster_ip(service: Service) -> None:
     assert generate_through(address) == service.reference
 
 
-def test_tokens_through_port_forward(service: Service, e2e_cluster: ControlPlane) -> None:
+@contextlib.contextmanager
+def port_forward(service: Service, e2e_cluster: ControlPlane, port: int) -> Iterator[int]:
+    """`kubectl port-forward service/NAME 0:port`, as the README says; yields the local port."""
     forward = subprocess.Popen(
         [
             "kubectl", f"--kubeconfig={e2e_cluster.kubeconfig}", "port-forward", "-n", service.namespace,
-            f"service/{NAME}", f"0:{service.grpc_port()}",
+            f"service/{NAME}", f"0:{port}",
         ],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -352,12 +355,39 @@ def test_tokens_through_port_forward(service: Service, e2e_cluster: ControlPlane
         line = forward.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 9000"
         match = re.search(r"127\.0\.0\.1:(\d+)", line)
         assert match, f"kubectl port-forward said {line!r}"
-        address = f"127.0.0.1:{match.group(1)}"
-        assert health(address) == "SERVING"
-        assert generate_through(address) == service.reference
+        yield int(match.group(1))
     finally:
         forward.terminate()
         forward.wait(timeout=30)
+
+
+def test_tokens_through_port_forward(service: Service, e2e_cluster: ControlPlane) -> None:
+    with port_forward(service, e2e_cluster, service.grpc_port()) as local:
+        address = f"127.0.0.1:{local}"
+        assert health(address) == "SERVING"
+        assert generate_through(address) == service.reference
+
+
+def test_openai_api_through_port_forward(service: Service, e2e_cluster: ControlPlane) -> None:
+    """The client Service's `http` port: Ray Serve's HTTP proxy with the OpenAI API, the same greedy
+    tokens (the tiny model has no tokenizer: logprobs name each token as `token_id:N`)."""
+    import openai
+
+    http_port = int(service.moe()["spec"].get("serving", {}).get("httpPort", 8000))
+    with port_forward(service, e2e_cluster, http_port) as local:
+        base = f"http://127.0.0.1:{local}"
+        with urllib.request.urlopen(base + "/health", timeout=60) as reply:
+            assert reply.status == 200 and json.loads(reply.read())["status"] == "serving"
+        with openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300) as api:
+            (model,) = [m.id for m in api.models.list().data]
+            for prompt, want in zip(PROMPTS, service.reference, strict=True):
+                done = api.completions.create(
+                    model=model, prompt=list(prompt), max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0
+                )
+                (choice,) = done.choices
+                assert choice.logprobs is not None and choice.logprobs.tokens is not None
+                assert [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens] == want
+                assert done.usage is not None and done.usage.completion_tokens == MAX_TOKENS
 
 
 def _long_stream(
