@@ -194,14 +194,20 @@ def test_greedy_tokens_identical_to_transformers(
 
 
 def test_bf16_activations_with_fp8_weights(checkpoints: dict[str, Path]) -> None:
-    """--dtype sets the activations: kept fp8 and dequantized-at-load agree closely in bf16."""
-    keep = load_model(checkpoints["fp8"], torch.bfloat16, fp8_weights="keep")
-    deq = load_model(checkpoints["fp8"], torch.bfloat16, fp8_weights="dequantize")
-    assert keep.dtype == deq.dtype == torch.bfloat16
+    """--dtype sets the activations: with bf16 ones, kept fp8 weights are as close to the fp32 result
+    as weights dequantized to bf16 at load. (Means, not maxima: in bf16 a near-tie in the router can
+    pick another expert for a token, on either path.)"""
     ids = prompt(24, seed=3)
-    a, b = prefill_logits(keep, ids), prefill_logits(deq, ids)
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
-    assert (a - b).abs().max() <= 0.05 * b.abs().max()
+    exact = prefill_logits(load_model(checkpoints["fp8"], torch.float32), ids)
+    errors = {}
+    for mode in MODES:
+        model = load_model(checkpoints["fp8"], torch.bfloat16, fp8_weights=mode)
+        assert model.dtype == torch.bfloat16
+        got = prefill_logits(model, ids)
+        assert (got.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
+        errors[mode] = (got - exact).abs().mean().item()
+    assert errors["keep"] <= 0.1 * exact.abs().mean()
+    assert errors["keep"] <= 2 * errors["dequantize"], errors
 
 
 def test_partial_loading_by_role_reads_only_its_tensors(checkpoints: dict[str, Path]) -> None:

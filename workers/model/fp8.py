@@ -29,8 +29,8 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 DEFAULT_BLOCK = (128, 128)
 Fp8Weights = Literal["keep", "dequantize"]
 """`keep`: fp8 in memory, dequantized inside each product; `dequantize`: to the model dtype at load."""
-# CPU `linear` dequantizes about this many weight bytes (in the compute dtype) per step: a slab that
-# stays in the core's L2 cache between its dequantization and its product
+# CPU `linear` converts about this many weight bytes (in the compute dtype) per step: a slab that
+# stays in the core's L2 cache between its conversion and its product
 _SLAB_BYTES = 1 << 20
 
 
@@ -96,27 +96,53 @@ def quantize(weight: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> Bl
 def linear(x: torch.Tensor, w: BlockFp8, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ dequantize(w)^T (+ bias) -> [T, N] in x's dtype.
 
-    CUDA tensors go to the Triton block-fp8 GEMM. On the CPU the weight is dequantized a slab of
-    whole block rows at a time (never the whole matrix), each slab multiplied while in cache.
+    CUDA tensors go to the Triton block-fp8 GEMM. On the CPU the weight is read a slab of whole
+    block rows at a time (never the whole matrix in the compute dtype): the fp8 bits become the
+    compute dtype by integer shifts (`_fp8_bits_as`; torch's own fp8 conversion is scalar on the
+    CPU), and the block scales multiply x, not the weight: for block row b,
+    y_b = (x * scale_inv[b] per column block) @ W_b^T, a batched matmul over the slab's block rows.
     """
     if x.is_cuda:
         y = fp8_block_linear(x, w.weight, w.scale_inv, w.block, w.parts)
         return y if bias is None else y + bias
-    bn = w.block[0]
+    bn, bk = w.block
     n, k = w.weight.shape
+    t = x.shape[0]
     rows_per_part, blocks_per_part = n // w.parts, cdiv(n // w.parts, bn)
     slab_rows = max(bn, _SLAB_BYTES // (k * x.element_size()) // bn * bn)
-    out = x.new_empty(x.shape[0], n)
+    out = x.new_empty(t, n)
     for part in range(w.parts):
         for r0 in range(0, rows_per_part, slab_rows):
             r1 = min(r0 + slab_rows, rows_per_part)
             b0 = part * blocks_per_part + r0 // bn
-            slab = BlockFp8(w.weight[part * rows_per_part + r0 : part * rows_per_part + r1],
-                            w.scale_inv[b0 : b0 + cdiv(r1 - r0, bn)], w.block)  # fmt: skip
-            out[:, part * rows_per_part + r0 : part * rows_per_part + r1] = F.linear(
-                x, dequantize(slab, x.dtype)
+            weights, factor = _fp8_bits_as(
+                w.weight[part * rows_per_part + r0 : part * rows_per_part + r1], x.dtype
             )
+            scales = w.scale_inv[b0 : b0 + cdiv(r1 - r0, bn)] * factor  # [G, ceil(K/bk)]
+            xs = x[None] * scales.repeat_interleave(bk, dim=-1)[:, None, :k].to(x.dtype)  # [G, T, K]
+            full = (r1 - r0) // bn
+            y = out[:, part * rows_per_part + r0 : part * rows_per_part + r1]
+            if full:  # [G, T, K] @ [G, K, bn] -> [G, T, bn] -> [T, G*bn]
+                blocks = weights[: full * bn].view(full, bn, k).transpose(1, 2)
+                y[:, : full * bn] = torch.bmm(xs[:full], blocks).transpose(0, 1).reshape(t, full * bn)
+            if full * bn < r1 - r0:  # the partial last block row of the part
+                y[:, full * bn :] = F.linear(xs[full], weights[full * bn :])
     return out if bias is None else out + bias
+
+
+def _fp8_bits_as(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """float8_e4m3fn [..] -> (values * 2^-120 in `dtype`, 2^120) for bf16 and fp32, by moving the
+    sign, exponent and mantissa bits into place (exact: e4m3's subnormals land on the wider type's
+    subnormals with the same factor); other dtypes convert plainly (factor 1). NaN patterns are not
+    preserved (checkpoints hold none)."""
+    bits = weight.view(torch.uint8)
+    if dtype == torch.bfloat16:
+        a = bits.to(torch.int16)
+        return (((a & 0x7F) << 4) | ((a & 0x80) << 8)).view(torch.bfloat16), 2.0**120
+    if dtype == torch.float32:
+        a = bits.to(torch.int32)
+        return (((a & 0x7F) << 20) | ((a & 0x80) << 24)).view(torch.float32), 2.0**120
+    return weight.to(dtype), 1.0
 
 
 def linear_naive(x: torch.Tensor, w: BlockFp8, bias: torch.Tensor | None = None) -> torch.Tensor:
