@@ -157,6 +157,21 @@ def test_a_preempted_request_finds_its_own_blocks_again() -> None:
     assert sink.tokens("a") == runner.reference(list(range(1, 20)), 8)
 
 
+def test_a_prompt_being_prefilled_by_another_request_is_reused_as_far_as_computed() -> None:
+    engine = checksum_engine(max_num_batched_tokens=8)
+    runner = engine.runner
+    assert isinstance(runner, ChecksumRunner)
+    sink = Sink()
+    prompt = list(range(1, 31))  # 30 tokens: 4 chunks of at most 8
+    add(engine, sink, "a", prompt)
+    engine.step()
+    engine.step()  # "a" has 16 tokens computed, 4 blocks; its chunks go on
+    add(engine, sink, "b", prompt)
+    drain(engine)
+    assert 16 <= sink.last("b").cached_prompt_tokens < 30
+    assert sink.tokens("b") == sink.tokens("a") == runner.reference(prompt, 3)
+
+
 def test_cached_free_blocks_count_as_free_for_admission() -> None:
     engine = checksum_engine(num_blocks=5, max_model_len=16)  # 4 usable blocks
     sink = Sink()
