@@ -2,12 +2,15 @@
 
 With R redundant slots, and across a rebalance done mid-generation (weights copied rank to rank
 between two steps), fp32 greedy tokens equal the single-process model's (whose outputs the R = 0
-world matches, `test_expert_parallel`), logits within 1e-5; bad settings start no process.
+world matches, `test_expert_parallel`), logits within 1e-5; bad settings start no process (and the
+CLI exits 2 naming the flag).
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -91,3 +94,27 @@ def test_invalid_redundancy_settings_start_no_process(
         match=re.escape(message),
     ):
         LocalWorld(reference_checkpoints["v2_lite"], settings, [Run(([[1, 2]],))])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["generate", "--prompt-ids", "1,2", "--expert-ranks", "2", "--redundant-experts", "9"],
+            "at most 8 fit",
+        ),
+        (["serve", "--expert-ranks", "2", "--redundant-experts", "9", "--port", "0"], "at most 8 fit"),
+    ],
+)
+def test_cli_rejects_bad_redundancy_before_start(
+    args: list[str], message: str, reference_checkpoints
+) -> None:
+    model = str(reference_checkpoints["v2_lite"])
+    done = subprocess.run(
+        [sys.executable, "-m", "moeserve.workers.cli.main", *args, "--model", model],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr

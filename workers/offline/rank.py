@@ -45,6 +45,7 @@ class Run:
     ping_pong: bool = False
     record_logits: bool = False
     profile: bool = False  # time the routers too; stats cover decode steps only (step 0 is the prefill)
+    rebalance: bool = False  # every rank rebalances its experts before this run's first step
 
 
 @dataclass
@@ -92,12 +93,14 @@ def run_rank(
     if world.role == "attention":
         model = load_attention_side(model_path, settings.dtype, device=world.device)
         result.weight_bytes = _param_bytes(model.parameters())
+        balancer = ExpertBalancer(world, placement, balance)  # its map carries over from run to run
         world.wait_for_all_ranks()
         report("ready", rank, None)
         for run in runs:
             stats, t0 = DispatchStats(), time.perf_counter()
             hooks = time_routers(model, stats) if run.profile else []
-            balancer = ExpertBalancer(world, placement, balance)
+            if run.rebalance:
+                balancer.request()
             out = generate_lockstep(
                 model,
                 run.prompts[rank],
@@ -116,26 +119,25 @@ def run_rank(
             result.token_ids.append(out.token_ids)
             result.logits.append(out.logits)
             result.steps.append(out.steps)
-            result.stats.append({**stats.as_dict(), "rebalances": balancer.state.rebalances})
+            result.stats.append({**stats.as_dict(), **_balance_stats(balancer)})
     else:
         ids = placement.ranks[layout.expert_index(rank)]
         experts = load_experts(model_path, ids, settings.dtype, device=world.device)
         result.weight_bytes = _param_bytes(p for e in experts.values() for p in e.parameters())
+        balancer = ExpertBalancer(world, placement, balance, experts)  # rebalances replace experts' entries
         world.wait_for_all_ranks()
         report("ready", rank, None)
         for run in runs:
             stats, t0 = DispatchStats(), time.perf_counter()
-            run_experts = dict(experts)  # a rebalance during the run changes this copy only
-            balancer = ExpertBalancer(world, placement, balance, run_experts)
-            server = ExpertServer(world, run_experts, config.num_experts_per_tok, stats, balancer)
+            server = ExpertServer(world, experts, config.num_experts_per_tok, stats, balancer)
             steps = server.serve(_reset_after_prefill(stats) if run.profile else None)
             result.seconds.append(time.perf_counter() - t0)
             result.steps.append(steps)
             result.stats.append(
                 {
                     **stats.as_dict(),
-                    "rebalances": balancer.state.rebalances,
-                    "expert_ids": {layer: list(m.expert_ids) for layer, m in run_experts.items()},
+                    **_balance_stats(balancer),
+                    "expert_ids": {layer: list(m.expert_ids) for layer, m in experts.items()},
                 }
             )
     result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -167,6 +169,16 @@ def _reset_after_prefill(stats: DispatchStats) -> Callable[[int], None]:
             stats.reset()
 
     return on_step
+
+
+def _balance_stats(balancer: ExpertBalancer) -> dict[str, Any]:
+    state = balancer.state
+    return {
+        "rebalances": state.rebalances,
+        "rebalance_s": state.seconds,
+        "imbalance": dict(state.imbalance),
+        "imbalance_before": dict(state.imbalance_before),
+    }
 
 
 def _param_bytes(params: Any) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -61,6 +62,10 @@ class BalanceState:
     """Routed (token, expert rank) rows this attention rank sent to each expert rank in the last step."""
     imbalance: dict[int, float] = field(default_factory=dict)
     """Layer -> predicted max/mean rank load of its current map over the last window."""
+    imbalance_before: dict[int, float] = field(default_factory=dict)
+    """The same for the map each layer had before the last check."""
+    seconds: float = 0.0
+    """How long the last rebalance check took on this rank (maps, weight copies, switch)."""
 
 
 class ExpertBalancer:
@@ -117,7 +122,7 @@ class ExpertBalancer:
         """Every rank, in lockstep: sum the window, compute the maps, move the weights, switch."""
         self._requested.clear()
         self._steps = 0
-        world = self.world
+        world, t0 = self.world, time.perf_counter()
         with self._lock:
             window = self._window.clone()
             self._window.zero_()
@@ -129,10 +134,11 @@ class ExpertBalancer:
         counts = window.cpu().tolist()
         changed: dict[int, ExpertPlacement] = {}
         imbalances: dict[int, float] = {}
+        previous: dict[int, float] = {}
         for layer, load in zip(self.layers, counts, strict=True):
             old = self.maps[layer]
             before = imbalance(old, load)
-            imbalances[layer] = before
+            imbalances[layer] = previous[layer] = before
             if not sum(load):
                 continue
             new = balanced_placement(
@@ -152,6 +158,8 @@ class ExpertBalancer:
             rebalances=self.state.rebalances + bool(changed),
             checks=self.state.checks + 1,
             imbalance=imbalances,
+            imbalance_before=previous,
+            seconds=time.perf_counter() - t0,
         )
         if changed and world.rank == 0:
             for layer, new in sorted(changed.items()):
