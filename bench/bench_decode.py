@@ -1,17 +1,29 @@
-"""Decode benchmark: moeserve vs transformers on the same checkpoint, same run, printed as ratios.
+"""Decode benchmark: moeserve vs transformers (and vLLM's CPU build with --peer vllm) on the same
+checkpoint, each system in its own fresh process, one after another, printed as ratios.
 
 Model: the `bench` preset (DeepSeek-V2-Lite attention trimmed: hidden 2048, 16 heads, kv_lora 512,
 4 layers with the first dense, 16 routed experts top-6 + 2 shared, vocab 8192), bf16.
-Prints decode tokens/s at batch 1, 8, 32 (128-token prompts, 128 new tokens), KV-cache bytes per
-token of each system, the batch-1 roofline (active weight bytes per token / measured memory
-bandwidth), and per-token decode time after a 2,048-token prompt against after 128.
+Per system: decode tokens/s at each batch (128-token prompts, greedy; time per step between the
+16th and 80th new token), time to first token, and per-token decode time after a 2,048-token
+prompt against after 128. moeserve also prints its KV-cache bytes per token, the batch-1 roofline
+(active weight bytes per token / measured memory bandwidth) and the torch GEMV floor.
+moeserve runs with `--dtype` (default auto: the policy of `moeserve generate`, printed), the peers
+in bf16. Every figure is labelled with the CPU capability torch dispatched on; rehearse an
+AVX2-only host on an AVX-512 one with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`.
 
-    python bench/bench_decode.py [--batches 1,8,32] [--new-tokens 128] [--long-prompt 2048]
+    python bench/bench_decode.py [--batches 1,16,32] [--peer vllm] [--threads 2] [--dtype auto]
+
+vLLM runs from its own venv (`bash bench/setup_vllm_cpu.sh`, default /work/peer-vllm; see
+bench/vllm_peer.py), in its default compiled mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,12 +31,15 @@ import torch
 
 from moeserve.workers.model.batch import ForwardBatch, SequenceStep
 from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.dtype_policy import resolve_dtype
 from moeserve.workers.model.loader import load_model
 from moeserve.workers.model.random_checkpoint import PRESETS, write_random_checkpoint
 from moeserve.workers.model.transformer import Transformer
 from moeserve.workers.offline.generate import make_cache
 
 CACHE_DIR = Path.home() / ".cache" / "moeserve" / "bench-model"
+VLLM_PEER = Path(__file__).with_name("vllm_peer.py")
+RESULT = "RESULT "  # a child's last stdout line: RESULT {json}
 
 
 def bench_checkpoint() -> Path:
@@ -40,14 +55,15 @@ def prompts(batch: int, length: int, vocab: int) -> torch.Tensor:
 
 
 def ours_decode(
-    model: Transformer, ids: torch.Tensor, new_tokens: int, block_size: int = 64
-) -> tuple[float, int]:
-    """Seconds per decode step (prefill excluded) and cache bytes per token."""
+    model: Transformer, ids: torch.Tensor, new_tokens: int, block_size: int = 64, skip: int = 0
+) -> tuple[float, int, float]:
+    """Seconds per decode step over steps skip+1..new_tokens (prefill and the first `skip` steps
+    excluded), cache bytes per token, and the prefill's seconds (time to first token)."""
     b, n = ids.shape
     cache = make_cache(model, [n + new_tokens] * b, block_size)
     seqs = [cache.new_sequence() for _ in range(b)]
     pending = [row.tolist() for row in ids]
-    elapsed = 0.0
+    elapsed = ttft = 0.0
     for step in range(new_tokens + 1):
         t0 = time.perf_counter()
         steps = []
@@ -59,26 +75,33 @@ def ours_decode(
         for seq, toks in zip(seqs, pending, strict=True):
             seq.num_tokens += len(toks)
         pending = [[t] for t in nxt]
-        if step > 0:  # step 0 is the prefill
+        if step == 0:
+            ttft = time.perf_counter() - t0
+        elif step > skip:
             elapsed += time.perf_counter() - t0
-    return elapsed / new_tokens, cache.bytes_per_token
+    return elapsed / (new_tokens - skip), cache.bytes_per_token, ttft
 
 
 @torch.inference_mode()
-def hf_decode(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, int]:
+def hf_decode(
+    model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, skip: int = 0
+) -> tuple[float, int, float]:
     """The same loop through transformers' own KV cache."""
+    t0 = time.perf_counter()
     out = model(ids, use_cache=True)
     cache = out.past_key_values
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    t0 = time.perf_counter()
-    for _ in range(new_tokens):
+    ttft = time.perf_counter() - t0
+    for step in range(new_tokens):
+        if step == skip:
+            t0 = time.perf_counter()
         out = model(nxt, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    per_step = (time.perf_counter() - t0) / new_tokens
+    per_step = (time.perf_counter() - t0) / (new_tokens - skip)
     cached_tokens = ids.shape[0] * (ids.shape[1] + new_tokens)
     total = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
-    return per_step, total // cached_tokens
+    return per_step, total // cached_tokens, ttft
 
 
 def _cache_tensors(cache: object) -> list[torch.Tensor]:
@@ -140,70 +163,178 @@ def memory_bandwidth() -> float:
     return x.numel() * 4 / best
 
 
+def capability() -> str:
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, object]:
+    """One system in this process: decode tok/s per batch, TTFT, the short/long-context step."""
+    torch.set_num_threads(args.threads)
+    path = bench_checkpoint()
+    batches = [int(x) for x in args.batches.split(",")]
+    skip, new = args.skip_tokens, args.skip_tokens + args.timed_tokens
+    max_positions = args.long_prompt + new + 8
+    if args.worker == "moeserve":
+        choice = resolve_dtype(args.dtype, path, torch.device("cpu"))
+        print(f"moeserve: {choice.describe()}", flush=True)
+        model = load_model(path, choice.compute, max_positions=max_positions)
+        dtype_name = str(choice.compute).removeprefix("torch.")
+
+        def decode(ids: torch.Tensor, n: int, k: int) -> tuple[float, int, float]:
+            return ours_decode(model, ids, n, skip=k)
+    else:
+        from transformers import DeepseekV2ForCausalLM
+
+        hf = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        dtype_name = "bfloat16"
+
+        def decode(ids: torch.Tensor, n: int, k: int) -> tuple[float, int, float]:
+            return hf_decode(hf, ids, n, skip=k)
+
+    vocab = PRESETS["bench"]["vocab_size"]
+    decode(prompts(2, 16, vocab), 4, 0)  # first calls pay one-off kernel set-up: keep them out
+    result: dict[str, object] = {
+        "system": args.worker,
+        "dtype": dtype_name,
+        "capability": capability(),
+        "threads": torch.get_num_threads(),
+        "tok_s": {},
+        "ttft_s": {},
+    }
+    kv = 0
+    for b in batches:
+        ids = prompts(b, args.prompt, vocab)
+        # best of `--repeats` runs: the machine is shared, the minimum is the least disturbed
+        t, kv, ttft = min(decode(ids, new, skip) for _ in range(args.repeats))
+        result["tok_s"][str(b)] = b / t  # type: ignore[index]
+        if b == 1:
+            result["ttft_s"][str(args.prompt)] = ttft  # type: ignore[index]
+        print(f"  {args.worker} batch {b}: {b / t:.1f} tok/s ({t * 1e3:.1f} ms/step)", flush=True)
+    result["kv_bytes_per_token"] = kv
+    short = min(
+        decode(prompts(1, args.prompt, vocab), args.long_new_tokens, 0)[0] for _ in range(args.repeats)
+    )
+    runs = [decode(prompts(1, args.long_prompt, vocab), args.long_new_tokens, 0) for _ in range(args.repeats)]
+    result["short_step_s"], result["long_step_s"] = short, min(r[0] for r in runs)
+    result["ttft_s"][str(args.long_prompt)] = min(r[2] for r in runs)  # type: ignore[index]
+    if args.worker == "moeserve" and args.roofline:
+        print_roofline(model, args)
+    return result
+
+
+def print_roofline(model: Transformer, args: argparse.Namespace) -> None:
+    cfg = model.config
+    weight_bytes = active_weight_bytes(cfg, model)
+    ids = prompts(1, args.prompt, cfg.vocab_size)
+    print("  paired batch-1 runs (bandwidth, torch GEMV floor and decode measured back to back):")
+    for _ in range(args.repeats):
+        bw = memory_bandwidth()
+        floor = gemv_floor(cfg, model)
+        step = ours_decode(model, ids, args.skip_tokens + args.timed_tokens, skip=args.skip_tokens)[0]
+        print(
+            f"    {weight_bytes / 1e6:.1f} MB active weights/token; bandwidth {bw / 1e9:5.1f} GB/s -> "
+            f"roofline {bw / weight_bytes:6.1f} tok/s; GEMV floor {floor * 1e3:5.2f} ms "
+            f"({weight_bytes / floor / bw:.0%} of roofline by itself); moeserve step {step * 1e3:5.2f} ms "
+            f"= {1 / step:5.1f} tok/s, {weight_bytes / step / bw:.0%} of roofline"
+        )
+
+
+def worker_command(system: str, args: argparse.Namespace) -> list[str]:
+    batches = args.batches if system == "moeserve" else (args.peer_batches or args.batches)
+    common = [
+        "--batches", batches, "--prompt", str(args.prompt), "--skip-tokens", str(args.skip_tokens),
+        "--timed-tokens", str(args.timed_tokens), "--long-prompt", str(args.long_prompt),
+        "--long-new-tokens", str(args.long_new_tokens), "--threads", str(args.threads),
+        "--repeats", str(args.repeats),
+    ]  # fmt: skip
+    if system == "vllm":
+        return [args.vllm_python, str(VLLM_PEER), "--model", str(bench_checkpoint()), *common]
+    extra = ["--dtype", args.dtype] + ([] if args.roofline else ["--no-roofline"])
+    return [sys.executable, __file__, "--worker", system, *common, *extra]
+
+
+def run_system(system: str, args: argparse.Namespace) -> dict[str, object] | None:
+    """One system's child process (nothing else of ours runs meanwhile); its lines pass through."""
+    print(f"== {system}: {' '.join(worker_command(system, args))}", flush=True)
+    proc = subprocess.Popen(worker_command(system, args), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    result = None
+    for line in proc.stdout:
+        if line.startswith(RESULT):
+            result = json.loads(line[len(RESULT) :])
+        else:
+            print(line, end="", flush=True)
+    if proc.wait() != 0 or result is None:
+        print(f"== {system}: failed (exit {proc.returncode}); left out of the table", flush=True)
+        return None
+    return result
+
+
+def print_table(results: list[dict[str, object]], args: argparse.Namespace) -> None:
+    batches = args.batches.split(",")
+    ours = results[0]
+    print(
+        f"load average {os.getloadavg()[0]:.1f} (uptime), {args.threads} threads each, one system at a time"
+    )
+    head = " ".join(f"{'b' + b + ' tok/s':>10}" for b in batches)
+    print(f"{'system':>12} {'dtype':>8} {'CPU':>7} {head} {'TTFT ' + str(args.prompt):>9} "
+          f"{'TTFT ' + str(args.long_prompt):>10} {'step ' + str(args.prompt):>9} "
+          f"{'step ' + str(args.long_prompt):>10} {'long/short':>10}")  # fmt: skip
+    for r in results:
+        tok, ttft = r["tok_s"], r["ttft_s"]
+        assert isinstance(tok, dict) and isinstance(ttft, dict)
+        short, long = float(r["short_step_s"]), float(r["long_step_s"])  # type: ignore[arg-type]
+        cells = " ".join(f"{tok[b]:>10.1f}" if b in tok else f"{'-':>10}" for b in batches)
+        print(
+            f"{r['system']:>12} {r['dtype']:>8} {r['capability']:>7} {cells} "
+            f"{ttft[str(args.prompt)]:>8.2f}s {ttft[str(args.long_prompt)]:>9.2f}s "
+            f"{short * 1e3:>7.1f}ms {long * 1e3:>8.1f}ms {long / short:>9.2f}x"
+        )
+    ours_tok, ours_ttft = ours["tok_s"], ours["ttft_s"]
+    assert isinstance(ours_tok, dict) and isinstance(ours_ttft, dict)
+    for r in results[1:]:
+        tok, ttft = r["tok_s"], r["ttft_s"]
+        assert isinstance(tok, dict) and isinstance(ttft, dict)
+        ratios = ", ".join(f"b{b} {ours_tok[b] / tok[b]:.2f}x" for b in batches if b in tok)
+        ttfts = ", ".join(f"{n} {ttft[n] / ours_ttft[n]:.2f}x" for n in ttft)
+        step = float(r["long_step_s"]) / float(ours["long_step_s"])  # type: ignore[arg-type]
+        print(f"moeserve / {r['system']}: tok/s {ratios}; TTFT (theirs/ours) {ttfts}; "
+              f"step after {args.long_prompt} (theirs/ours) {step:.2f}x")  # fmt: skip
+    print("KV-cache bytes/token (all layers): " + ", ".join(
+        f"{r['system']} {r.get('kv_bytes_per_token', '?')}" for r in results))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--batches", default="1,16,32")
     parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--skip-tokens", type=int, default=16, help="new tokens before timing starts")
+    parser.add_argument("--timed-tokens", type=int, default=64, help="new tokens timed (16th-80th)")
     parser.add_argument("--long-prompt", type=int, default=2048)
     parser.add_argument("--long-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--peer-batches", default=None, help="the peers' batches (default: --batches)")
+    parser.add_argument("--dtype", default="auto", help="moeserve's dtype: auto (default) or a dtype name")
+    parser.add_argument("--peer", action="append", default=[], choices=["vllm"], help="also run vLLM")
+    parser.add_argument("--systems", default="moeserve,transformers", help="which of ours/transformers")
+    parser.add_argument("--vllm-python", default="/work/peer-vllm/bin/python", help="the peer venv's python")
+    parser.add_argument("--no-roofline", dest="roofline", action="store_false")
+    parser.add_argument("--worker", choices=["moeserve", "transformers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    from transformers import DeepseekV2ForCausalLM
-
-    path = bench_checkpoint()
-    ours = load_model(path, torch.bfloat16, max_positions=args.long_prompt + args.long_new_tokens + 8)
-    hf = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    cfg = ours.config
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, bf16, bench preset")
-    warm = prompts(2, 16, cfg.vocab_size)  # first calls pay one-off kernel set-up: keep them out
-    ours_decode(ours, warm, 4)
-    hf_decode(hf, warm, 4)
-    print(f"{'batch':>5} {'moeserve tok/s':>15} {'transformers tok/s':>19} {'ratio':>6}")
-    kv_ours = kv_hf = 0
-    ours_b1 = 0.0
-    for b in [int(x) for x in args.batches.split(",")]:
-        ids = prompts(b, args.prompt, cfg.vocab_size)
-        # best of `--repeats` runs: the machine is shared, the minimum is the least disturbed
-        t_ours, kv_ours = min(ours_decode(ours, ids, args.new_tokens) for _ in range(args.repeats))
-        t_hf, kv_hf = min(hf_decode(hf, ids, args.new_tokens) for _ in range(args.repeats))
-        if b == 1:
-            ours_b1 = 1 / t_ours
-        print(f"{b:>5} {b / t_ours:>15.1f} {b / t_hf:>19.1f} {t_hf / t_ours:>6.2f}")
-    print(f"KV-cache bytes/token (all layers): moeserve {kv_ours}, transformers {kv_hf}")
-    weight_bytes = active_weight_bytes(cfg, ours)
-    bw = memory_bandwidth()
-    roofline = bw / weight_bytes
-    print(
-        f"batch-1 roofline: {weight_bytes / 1e6:.1f} MB active weights/token, bandwidth {bw / 1e9:.1f} GB/s "
-        f"-> {roofline:.1f} tok/s; moeserve reaches {ours_b1 / roofline:.0%}"
-    )
-    # The machine's bandwidth drifts (shared host): pair each measurement with a decode run.
-    ids = prompts(1, args.prompt, cfg.vocab_size)
-    print("paired batch-1 runs (bandwidth, torch GEMV floor and decode measured back to back):")
-    for _ in range(args.repeats):
-        bw = memory_bandwidth()
-        floor = gemv_floor(cfg, ours)
-        step = ours_decode(ours, ids, args.new_tokens)[0]
-        print(
-            f"  bandwidth {bw / 1e9:5.1f} GB/s -> roofline {bw / weight_bytes:6.1f} tok/s; "
-            f"GEMV floor {floor * 1e3:5.2f} ms ({weight_bytes / floor / 1e9:4.1f} GB/s, "
-            f"{weight_bytes / floor / bw:.0%} of roofline by itself); "
-            f"moeserve step {step * 1e3:5.2f} ms = {1 / step:5.1f} tok/s, "
-            f"{weight_bytes / step / bw:.0%} of roofline, above the floor {(step - floor) * 1e3:.2f} ms"
-        )
-    print(f"per-token decode time at batch 1 after {args.prompt} vs {args.long_prompt} prompt tokens:")
-    for label, fn in (
-        ("moeserve", lambda i: ours_decode(ours, i, args.long_new_tokens)[0]),
-        ("transformers", lambda i: hf_decode(hf, i, args.long_new_tokens)[0]),
-    ):
-        short = min(fn(prompts(1, args.prompt, cfg.vocab_size)) for _ in range(args.repeats))
-        long = min(fn(prompts(1, args.long_prompt, cfg.vocab_size)) for _ in range(args.repeats))
-        print(f"  {label:>12}: {short * 1e3:.1f} ms -> {long * 1e3:.1f} ms ({long / short:.2f}x)")
+    if args.worker:
+        print(RESULT + json.dumps(run_worker(args)), flush=True)
+        return
+    bench_checkpoint()  # written once, before any system starts
+    print(f"torch {torch.__version__}, CPU capability {capability()}, bench preset (bf16 checkpoint)")
+    systems = [s for s in args.systems.split(",") if s] + args.peer
+    results = [r for s in systems if (r := run_system(s, args)) is not None]
+    if results and results[0]["system"] == "moeserve":
+        print_table(results, args)
+    elif results:
+        print(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
