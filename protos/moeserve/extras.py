@@ -1,6 +1,7 @@
 """Optional extras: a clear one-line error when a feature's package is not installed.
 
-`moeserve serve --ray` needs `moeserve[ray]` and `moeserve-operator` needs `moeserve[operator]`. Without
+`moeserve serve --ray` needs `moeserve[ray]`, `moeserve-operator` needs `moeserve[operator]` and
+`moeserve experts plot` needs `moeserve[plot]`. Without
 them the user gets one line naming the missing package and the pip command, and exit code 2 (a usage
 error), never an import traceback. This module imports nothing optional itself.
 """
@@ -26,6 +27,7 @@ class Extra:
 
 RAY = Extra("ray", ("ray", "ray.serve"))
 OPERATOR = Extra("operator", ("kopf", "kubernetes", "urllib3"))
+PLOT = Extra("plot", ("matplotlib",))
 
 
 class MissingExtraError(RuntimeError):

@@ -11,9 +11,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
+from conftest import MAIN_SETTINGS
+from serving_support import scrape, wait_until
 
+from moeserve.workers.client import InferenceClient, build_request
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.loader import load_model
 from moeserve.workers.offline.generate import GenerationSettings, generate_lockstep
@@ -21,6 +26,8 @@ from moeserve.workers.offline.local_world import LocalWorld, launch_local
 from moeserve.workers.offline.rank import Run
 from moeserve.workers.parallel.placement import PlacementError
 from moeserve.workers.parallel.settings import EPSettings
+from moeserve.workers.server.app import BackgroundServer, local_loader
+from moeserve.workers.server.local_ranks import ep_loader
 
 pytestmark = pytest.mark.integration
 
@@ -118,3 +125,30 @@ def test_cli_rejects_bad_redundancy_before_start(
     )
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
+
+
+def test_serving_rebalances_online_with_unchanged_outputs_and_reports_it(serving_checkpoint) -> None:
+    """`moeserve serve --expert-ranks 2 --redundant-experts 2 --rebalance-interval 2`: greedy outputs
+    equal the single-process server's while maps change between steps; /metrics shows the balance."""
+    prompts = [list(range(3, 8)), list(range(20, 37)), list(range(40, 73)), [9], list(range(100, 120))]
+    requests = [build_request(None, p, max_tokens=8, temperature=0.0) for p in prompts]
+
+    def outputs(server: BackgroundServer) -> list[list[int]]:
+        with InferenceClient(server.address) as client, ThreadPoolExecutor(len(requests)) as pool:
+            return [c.token_ids for c in pool.map(client.generate, requests)]
+
+    with BackgroundServer(local_loader(serving_checkpoint, torch.float32, MAIN_SETTINGS)) as single:
+        reference = outputs(single)
+    ep = EPSettings(
+        1, 2, 10.0, startup_timeout_s=120, redundant_experts=2, rebalance_interval=2, rebalance_min_gain=0.0
+    )
+    with BackgroundServer(ep_loader(serving_checkpoint, torch.float32, MAIN_SETTINGS, ep)) as server:
+        assert outputs(server) == reference
+        wait_until(lambda: scrape(server).get("moeserve_expert_rebalances_total", 0) >= 1, timeout=15)
+        assert outputs(server) == reference  # again, on the rebalanced map
+        values = scrape(server)
+    rows = [v for k, v in values.items() if k.startswith("moeserve_expert_rank_tokens{")]
+    assert len(rows) == 2 and sum(rows) > 0  # one attention rank x two expert ranks, last step
+    assert values["moeserve_expert_rank_imbalance"] >= 1.0
+    hosted = [k for k in values if k.startswith("moeserve_expert_map{") and 'layer="1"' in k]
+    assert len(hosted) == 8 + 2  # every slot of the map: 8 experts + 2 redundant
