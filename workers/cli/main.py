@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from moeserve.workers.cli import expert_parallel as ep_cli
+from moeserve.workers.cli import experts as experts_cli
+from moeserve.workers.cli import plan as plan_cli
 from moeserve.workers.cli import serve as serve_cli
 from moeserve.workers.cli.args import non_negative_float, positive_int, token_ids
 from moeserve.workers.model.loader import EMBEDDED_MODEL_PATH
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--in", dest="src", type=Path, required=True, help="checkpoint directory to read")
     quant.add_argument("--out", type=Path, required=True, help="directory to write (new or empty)")
     ep_cli.add_arguments(gen)
+    plan_cli.add_parser(sub)
+    experts_cli.add_parser(sub)
     return parser
 
 
@@ -85,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         return _generate(parser, args)
     if args.command == "serve":
         return serve_cli.run_serve(parser, args, dict(DTYPES))
+    if args.command == "plan":
+        return plan_cli.run(parser, args)
+    if args.command == "experts" and args.experts_command == "plot":
+        return experts_cli.run(parser, args)
     if args.command == "model" and args.model_command == "init-random":
         return _init_random(parser, args)
     if args.command == "model" and args.model_command == "quantize-fp8":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from moeserve import contract, extras
 from moeserve.engine_settings import EngineSettings, RequestLimits
+from moeserve.workers.cli import expert_parallel as ep_cli
 
 DEFAULT_HTTP_PORT = 8000
 
@@ -113,6 +114,7 @@ def add_serve_parser(sub: argparse._SubParsersAction, dtypes: list[str], default
     serve.add_argument(
         "--collective-timeout", type=float, default=60.0, help="seconds a rank waits in a collective"
     )
+    ep_cli.add_balance_arguments(serve)
     serve.add_argument(
         "--ray", action="store_true", help="serve through Ray Serve (its gRPC proxy on --port)"
     )
@@ -239,6 +241,8 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
         parser.error(f"--expert-ranks: must be >= 0, got {args.expert_ranks}")
     if args.expert_ranks == 0 and args.attention_ranks != 1:
         parser.error("--attention-ranks > 1 needs --expert-ranks >= 1")
+    if (args.redundant_experts or args.rebalance_interval) and (args.expert_ranks == 0 or args.ray):
+        parser.error("--redundant-experts and --rebalance-interval need --expert-ranks >= 1 (without --ray)")
     if args.ray:
         extras.require_or_exit(extras.RAY, "--ray (Ray Serve)", "moeserve serve")
         return run_ray_serve(parser, args)
@@ -252,7 +256,9 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
             collective_timeout_s=args.collective_timeout,
             dtype=dtypes[args.dtype],  # type: ignore[arg-type]
             block_size=settings.block_size,
+            **ep_cli.balance_settings(args),
         )
+        ep_cli.check_placement(parser, ep, args.model)
         loader = ep_loader(args.model, dtypes[args.dtype], settings, ep)  # type: ignore[arg-type]
     else:
         loader = local_loader(args.model, dtypes[args.dtype], settings)  # type: ignore[arg-type]

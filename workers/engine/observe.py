@@ -65,6 +65,9 @@ class RankGauges:
     kv_blocks_cached: int = 0
     prefix_queried_tokens: int = 0  # so far (`PrefixCache.queried_tokens`)
     prefix_hit_tokens: int = 0
+    expert_rank_tokens: list[int] = field(default_factory=list)  # rows sent to each expert rank, last step
+    rebalances: int = 0  # expert-map changes so far (every rank counts the same)
+    expert_map: dict[int, list[list[int]]] = field(default_factory=dict)  # layer -> experts per expert rank
 
 
 class EventRecorder(EngineObserver):

@@ -27,6 +27,7 @@ from moeserve.workers.engine.observe import HELP, LATENCY_BUCKETS, EngineEvents,
 from moeserve.workers.engine.prefix_cache import PrefixCache
 from moeserve.workers.engine.request import FinishReason, Request
 from moeserve.workers.engine.runner import ExpertLoad
+from moeserve.workers.server.balance_metrics import BalanceCollector
 
 P = contract.METRICS_PREFIX
 
@@ -87,6 +88,8 @@ class ServingMetrics(EngineObserver):
         r.register(self._experts)
         self._prefix = _PrefixCacheCollector()
         r.register(self._prefix)
+        self._balance = BalanceCollector()
+        r.register(self._balance)
 
     def bind(self, loop: EngineLoop, expert_load: ExpertLoad | None) -> None:
         """Read gauges from this engine from now on."""
@@ -109,6 +112,7 @@ class ServingMetrics(EngineObserver):
         self.kv_free.set_function(lambda: sum(g.kv_blocks_free for g in ranks()))
         self.kv_cached.set_function(lambda: sum(g.kv_blocks_cached for g in ranks()))
         self._experts.load = _SummedExpertCounts(ranks)
+        self._balance.ranks = ranks
         self._prefix.totals = lambda: [
             (g.rank, g.prefix_queried_tokens, g.prefix_hit_tokens) for g in ranks()
         ]
