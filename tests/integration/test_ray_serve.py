@@ -263,7 +263,9 @@ def http_outputs(base_url: str) -> dict[str, Any]:
         done = api.completions.create(model=SERVED_NAME, prompt=prompts, max_tokens=7, temperature=0.0)
         out["completions"] = sorted((c.index, c.text, c.finish_reason) for c in done.choices)
         out["usage"] = done.usage.model_dump() if done.usage else None
-        text = api.completions.create(model=SERVED_NAME, prompt="experts route latent", max_tokens=5)
+        text = api.completions.create(
+            model=SERVED_NAME, prompt="experts route latent", max_tokens=5, temperature=0.0
+        )
         out["text"] = (text.choices[0].text, text.choices[0].finish_reason)
         stream = api.completions.create(
             model=SERVED_NAME, prompt=prompts[1], max_tokens=9, temperature=0.0, stream=True
@@ -365,6 +367,18 @@ def test_two_model_instances_serve_concurrent_requests(address: str, reference: 
     assert len(attention) == 2
     steps = [ray.get(a.stats.remote(), timeout=30)["steps"] for a in attention.values()]
     assert all(s > 0 for s in steps), steps
+
+
+def test_requests_sharing_a_prefix_meet_its_cache_on_one_instance(address: str) -> None:
+    system = [(13 * i) % 300 + 2 for i in range(64)]  # 4 blocks, seen by no other test
+    with InferenceClient(address) as client:
+        done = [
+            client.generate(build_request(None, [*system, i + 2], max_tokens=2, temperature=0.0))
+            for i in range(6)
+        ]
+    # the prefix router sends them all to the instance that computed the prefix (Serve's random
+    # pick of two would send one of the five to the other instance with probability 31/32)
+    assert [c.cached_prompt_tokens for c in done[1:]] == [64] * 5
 
 
 def health(address: str, service: str = "") -> int:
