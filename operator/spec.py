@@ -13,7 +13,7 @@ they can see; what only `ServeAppConfig` can tell (e.g. an expert placed on two 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from moeserve.engine_settings import EngineSettings
@@ -75,6 +75,8 @@ class RankGroup:
     """Container `requests`/`limits` besides GPUs (cpu, memory, ...)."""
     placement: tuple[tuple[int, ...], ...] | None = None
     """Experts only: routed expert ids per expert rank; None = contiguous."""
+    redundant: int = 0
+    """Experts only: expert slots beyond one per routed expert (`--redundant-experts`)."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,10 @@ class MoEServiceSpec:
             ),
             replicas=_value(spec, "replicas", int, "spec", cls.replicas),
             attention=_rank_group(attention, "spec.attention", ServeAppConfig.attention_ranks),
-            experts=_rank_group(experts, "spec.experts", ServeAppConfig.expert_ranks, placement),
+            experts=replace(
+                _rank_group(experts, "spec.experts", ServeAppConfig.expert_ranks, placement),
+                redundant=_value(experts, "redundant", int, "spec.experts", RankGroup.redundant),
+            ),
             serving=Serving(
                 grpc_port=_value(serving, "grpcPort", int, "spec.serving", Serving.grpc_port),
                 http_port=_value(serving, "httpPort", int, "spec.serving", Serving.http_port),
@@ -213,6 +218,7 @@ def serve_app_config(spec: MoEServiceSpec, replicas: int | None = None) -> Serve
         "attention_ranks": spec.attention.ranks,
         "expert_ranks": spec.experts.ranks,
         "placement": None if placement is None else [list(rank) for rank in placement],
+        "redundant_experts": spec.experts.redundant,
         "gpus_per_attention_rank": float(spec.attention.gpus_per_rank),
         "gpus_per_expert_rank": float(spec.experts.gpus_per_rank) if spec.experts.ranks else 0.0,
         "collective_timeout_s": spec.serving.collective_timeout_s,

@@ -61,6 +61,8 @@ class ServeAppConfig:
     """Expert ranks per instance (the routed experts live there; at least one)."""
     placement: list[list[int]] | None = None
     """Routed expert ids hosted by each expert rank; None = contiguous (group-aligned)."""
+    redundant_experts: int = 0
+    """Expert slots beyond one per routed expert over the expert ranks (hot experts get replicas)."""
     gpus_per_attention_rank: float = 0.0
     """GPUs a Ray actor of an attention rank asks for (0 on CPU clusters)."""
     gpus_per_expert_rank: float = 0.0
@@ -91,6 +93,7 @@ class ServeAppConfig:
         _check(self.gpus_per_attention_rank >= 0, "gpus_per_attention_rank", "must be >= 0")
         _check(self.gpus_per_expert_rank >= 0, "gpus_per_expert_rank", "must be >= 0")
         _check(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0")
+        _check(self.redundant_experts >= 0, "redundant_experts", "must be >= 0")
         _check(isinstance(self.engine, EngineSettings), "engine", "expected engine settings")
         for name in ("grpc", "metrics"):
             port = getattr(self.ports, name)
@@ -111,7 +114,11 @@ class ServeAppConfig:
             )
             hosted = [e for rank in self.placement for e in rank]
             dupes = sorted({e for e in hosted if hosted.count(e) > 1})
-            _check(not dupes, "placement", f"experts {dupes} are hosted more than once")
+            _check(  # with redundant slots an expert may be on several ranks (the app checks the map)
+                not dupes or self.redundant_experts > 0,
+                "placement",
+                f"experts {dupes} are hosted more than once",
+            )
             _check(all(e >= 0 for e in hosted), "placement", "expert ids must be >= 0")
             _check(all(rank for rank in self.placement), "placement", "every expert rank must host an expert")
 

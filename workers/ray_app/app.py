@@ -81,6 +81,7 @@ def rank_spec(cfg: ServeAppConfig) -> ServingRankSpec:
         dtype=getattr(torch, cfg.model.dtype),
         placement=placement,
         block_size=engine.block_size,
+        redundant_experts=cfg.redundant_experts,
     )
     return ServingRankSpec(model_path(cfg), ep, engine)
 
