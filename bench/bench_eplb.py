@@ -1,20 +1,23 @@
 """Expert load balancing benchmark: a skewed router, (A, E) = (1, 2), before and after EPLB, one run.
 
 Model: the `bench` preset's shape (hidden 2048, 4 layers with the first dense, 16 routed experts
-top-6 + 2 shared, vocab 8192, bf16) with a DeepSeek-V3 router (`noaux_tc`, sigmoid, one group)
-whose `e_score_correction_bias` (selection only, not the weights) makes a few experts hot: experts
-HOT (default 0-3, all on expert rank 0 of the contiguous map) are picked by nearly every token.
-Written once under ~/.cache/moeserve/bench-model-eplb.
+top-6 + 2 shared, vocab 8192; bf16 weights, run in `--dtype`) with a DeepSeek-V3 router
+(`noaux_tc`, sigmoid, one group) whose `e_score_correction_bias` (selection only, not the weights)
+makes a few experts hot: experts HOT (default 0-3, all on expert rank 0 of the contiguous map) are
+picked by nearly every token. Written once under ~/.cache/moeserve/bench-model-eplb.
 One local world (1 attention rank + 2 expert ranks, gloo, one thread per process) runs, on the same
 prompts: a warm-up; "before": decode on the starting map (contiguous + R redundant slots cycled);
 "after": the same generation, the rebalance (EPLB over the tokens counted so far, weights copied
 rank to rank) requested before its first step. Printed per phase: decode tokens/s, each expert
 rank's compute per MoE layer per decode step, their max/mean (the slowest expert rank sets every
 step's time), the predicted rank-load imbalance of the map, and whether greedy tokens agree
-(bf16: per-rank partial sums round in another order, so near ties may flip; fp32 equality is
-tested). CPU timings; on a shared machine they are noisy: run it alone and state `uptime`.
+(bf16: per-rank partial sums round in another order, so near ties may flip; in fp32 they agree).
+Balance shows in expert time once each expert gets many rows (large batches, prefill); at small
+batches an expert rank's time is reading the weights of every expert that got any token.
+CPU timings; on a shared machine they are noisy: run it alone and state `uptime`.
 
-    python bench/bench_eplb.py [--batch 16] [--prompt 32] [--new-tokens 16] [--redundant 2] [--hot 0,1,2,3]
+    python bench/bench_eplb.py [--batch 128] [--prompt 16] [--new-tokens 8] [--redundant 2]
+                               [--hot 0,1,2,3] [--dtype bfloat16|float32]
 """
 
 from __future__ import annotations
@@ -87,11 +90,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, default=CACHE_DIR)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--prompt", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--redundant", type=int, default=2, help="R redundant expert slots")
     parser.add_argument("--hot", default="0,1,2,3", help="experts the router is biased to")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     args = parser.parse_args()
     hot = [int(e) for e in args.hot.split(",")]
     mp.get_context("forkserver").set_forkserver_preload(
@@ -113,7 +117,7 @@ def main() -> None:
         1,
         2,
         collective_timeout_s=600,
-        dtype=torch.bfloat16,
+        dtype=getattr(torch, args.dtype),
         redundant_experts=args.redundant,
         rebalance_min_gain=0.0,
     )
@@ -125,7 +129,7 @@ def main() -> None:
     print(
         f"bench model (biased V3 router, hot experts {hot}): hidden {config.hidden_size}, "
         f"{config.num_hidden_layers} layers ({moe_layers} MoE), {config.n_routed_experts} experts "
-        f"top-{config.num_experts_per_tok}, bf16 | batch {args.batch}, prompt {args.prompt}, "
+        f"top-{config.num_experts_per_tok}, {args.dtype} | batch {args.batch}, prompt {args.prompt}, "
         f"{args.new_tokens} new tokens | (A,E)=(1,2), R={args.redundant} | torch {torch.__version__}, "
         f"1 thread per process, {os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}"
     )
@@ -150,7 +154,7 @@ def main() -> None:
         f"{max(after['expert_ms']) / max(before['expert_ms']):.2f}x the time"
     )
     same = sum(a == b for a, b in zip(after["token_ids"], before["token_ids"], strict=True))
-    print(f"greedy outputs equal before/after the rebalance for {same}/{len(prompts)} prompts (bf16)")
+    print(f"greedy outputs equal before/after the rebalance for {same}/{len(prompts)} prompts ({args.dtype})")
 
 
 if __name__ == "__main__":

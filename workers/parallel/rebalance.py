@@ -229,9 +229,10 @@ def _expert_as_bytes(module: RoutedExperts, expert: int) -> torch.Tensor:
 def _rebuilt(
     old: RoutedExperts, ids: list[int], arrived: dict[tuple[int, int], torch.Tensor], layer: int
 ) -> RoutedExperts:
-    """The rank's experts `ids` of one layer: kept ones copied from `old`, new ones from `arrived`."""
+    """The rank's experts `ids` of one layer: kept ones copied from `old`, new ones from `arrived`
+    (every parameter, fp8 block scales included, in parameter order)."""
     dim, inter = old.w2.shape[1], old.w2.shape[2]
-    new = RoutedExperts(dim, inter, ids, dtype=old.w2.dtype).to(old.w2.device)
+    new = RoutedExperts(dim, inter, ids, dtype=old.dtype, fp8_block=old.fp8_block).to(old.w2.device)
     with torch.no_grad():
         for j, e in enumerate(ids):
             if e in old.expert_ids:
