@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moeserve.workers.model.huge_pages import allocate_on_huge_pages
 from moeserve.workers.model.moe import RoutedExperts
 from moeserve.workers.parallel.eplb import balanced_placement, imbalance, rank_loads
 from moeserve.workers.parallel.placement import ExpertPlacement, Routes
@@ -233,6 +234,7 @@ def _rebuilt(
     (every parameter, fp8 block scales included, in parameter order)."""
     dim, inter = old.w2.shape[1], old.w2.shape[2]
     new = RoutedExperts(dim, inter, ids, dtype=old.dtype, fp8_block=old.fp8_block).to(old.w2.device)
+    allocate_on_huge_pages(new)  # as the loader placed the experts it replaces
     with torch.no_grad():
         for j, e in enumerate(ids):
             if e in old.expert_ids:
