@@ -9,6 +9,7 @@ message starts with the field name (`block_size: must be >= 1, got 0`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ class EngineSettings:
     blocks no request uses). False: every prompt is computed from scratch."""
     limits: RequestLimits = field(default_factory=RequestLimits)
     """Size limits of one request (prompt text, stop fields, request id)."""
+    speculative: Literal["mtp"] | None = None
+    """Speculative decoding: "mtp" drafts with the checkpoint's multi-token-prediction layer and
+    verifies the drafts in one step (the same output: greedy identical, sampling exact). None: off."""
+    num_speculative_tokens: int = 1
+    """Draft tokens per step with `speculative` (1 to 3; 2 and 3 reuse the one MTP layer)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -75,6 +81,10 @@ class EngineSettings:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.kv_cache_tokens < self.block_size:
             raise ValueError(f"kv_cache_tokens: must hold at least one block ({self.block_size} tokens)")
+        if self.speculative not in (None, "mtp"):
+            raise ValueError(f"speculative: must be 'mtp' or None, got {self.speculative!r}")
+        if not 1 <= self.num_speculative_tokens <= 3:
+            raise ValueError(f"num_speculative_tokens: must be in [1, 3], got {self.num_speculative_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
 

@@ -15,6 +15,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -32,6 +33,7 @@ from moeserve.workers.engine.request import (
 from moeserve.workers.engine.runner import ModelRunner
 from moeserve.workers.engine.sampler import logprobs_of, sample_row
 from moeserve.workers.engine.scheduler import Schedule, Scheduler
+from moeserve.workers.engine.speculative import MTPSpeculator, SpeculativeRunner
 from moeserve.workers.engine.text import TextStream
 from moeserve.workers.model.batch import SequenceStep
 from moeserve.workers.model.kv_cache import SequenceBlocks
@@ -48,6 +50,9 @@ class EngineObserver:
     def on_token(self, request: Request, seconds_since_previous: float, first: bool) -> None: ...
 
     def on_finish(self, request: Request, reason: FinishReason) -> None: ...
+
+    def on_speculation(self, proposed: int, accepted: int) -> None:
+        """One request's drafts were verified: `accepted` of the first `proposed` drafts kept."""
 
 
 class Engine:
@@ -70,6 +75,16 @@ class Engine:
         self.clock = clock
         capacity = (runner.allocator.num_blocks - 1) * runner.block_size
         limit = settings.max_model_len or runner.max_positions
+        self.speculator: MTPSpeculator | None = None
+        if settings.speculative == "mtp":  # the runner must hold an MTP layer (`SpeculativeRunner`)
+            if not getattr(runner, "has_mtp", False):
+                raise ValueError(
+                    "speculative: 'mtp' needs a model with an MTP layer (num_nextn_predict_layers >= 1)"
+                )
+            self.speculator = MTPSpeculator(
+                cast("SpeculativeRunner", runner), settings.num_speculative_tokens
+            )
+            capacity -= self.speculator.lookahead  # a request alone always fits its draft slots
         self.max_model_len = min(limit, runner.max_positions, capacity)
         self.scheduler = Scheduler(settings, runner.allocator, cache_salt)
         self.requests: dict[int, Request] = {}
@@ -116,7 +131,9 @@ class Engine:
         key = next(self._keys)
         text = TextStream(self.tokenizer, sampling.stop) if self.tokenizer is not None else None
         blocks = SequenceBlocks(self.runner.block_size)
-        return Request(key, request_id or f"req-{key}", prompt_ids, sampling, sink, blocks, text, deadline)
+        request = Request(key, request_id or f"req-{key}", prompt_ids, sampling, sink, blocks, text, deadline)
+        request.lookahead = self.speculator.lookahead if self.speculator is not None else 0
+        return request
 
     def add(self, request: Request) -> None:
         self.requests[request.key] = request
@@ -147,7 +164,9 @@ class Engine:
 
     def execute(self, plan: Schedule) -> None:
         """Run one scheduled step: forward, sample, stream. (`step` = schedule + execute.)"""
-        if plan.chunks:
+        if self.speculator is not None:
+            self._execute_speculative(self.speculator, plan)
+        elif plan.chunks:
             steps = [
                 SequenceStep(
                     r.token_slice(r.num_computed, r.num_computed + n), r.num_computed, r.blocks.blocks
@@ -168,6 +187,49 @@ class Engine:
                 for i, request in enumerate(ready):
                     self._advance(request, picked[i], greedy[i])
         self.observer.on_step(self, plan.num_tokens, len(plan.preempted))
+
+    def _execute_speculative(self, speculator: MTPSpeculator, plan: Schedule) -> None:
+        """The step with MTP drafts (`speculative.py`): verify, append what was accepted, draft."""
+        plans, steps = speculator.plan(plan.chunks, plan.preempted)
+        if not steps:
+            return
+        runner = speculator.runner
+        hidden = runner.step_hidden(steps)  # [T, D]
+        logits = speculator.verify(plans, hidden)
+        for cp in plans:
+            if cp.error:
+                self._fail(cp.request, cp.error)
+                continue
+            if cp.drafts and cp.tokens:
+                self.observer.on_speculation(len(cp.drafts), len(cp.tokens) - 1)
+            for token, row in zip(cp.tokens, cp.rows, strict=True):
+                if cp.request.key not in self.requests:
+                    break  # finished on an earlier token of this step: the rest is dropped
+                assert logits is not None
+                self._emit(cp.request, token, logits[row])
+        room = {
+            cp.request.key: min(
+                cp.request.sampling.max_tokens - len(cp.request.output_ids),
+                self.max_model_len - cp.request.num_tokens,
+            )
+            for cp in plans
+            if cp.request.key in self.requests
+        }
+        speculator.propose(plans, hidden, room)
+
+    def _emit(self, request: Request, token: int, logits: torch.Tensor) -> None:
+        """Append a verified token (its logprobs from the target logits [V]); failures as `_advance`."""
+        try:
+            sampling = request.sampling
+            lp = logprobs_of(logits, token, sampling.logprobs) if sampling.logprobs else None
+            self._append(request, token, lp)
+        except Exception as e:  # noqa: BLE001 - isolated to the request; logged with its traceback
+            log.exception("request %s failed; the engine serves on", request.request_id)
+            self._fail(request, f"{type(e).__name__}: {str(e)[:200]}")
+
+    def _fail(self, request: Request, error: str) -> None:
+        if request.key in self.requests:
+            self._finish(request, "abort", [], "", [], "error", error)
 
     def _advance(self, request: Request, logits: torch.Tensor, greedy_token: int) -> None:
         """Sample, detokenize and match stops for one request. Whatever fails there fails this

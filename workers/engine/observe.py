@@ -30,6 +30,8 @@ HELP = {
     "prefix_cache_queried_tokens": "Prompt tokens of admitted requests looked up in the prefix cache",
     "prefix_cache_hit_tokens": "Prompt tokens taken from the prefix cache instead of computed",
     "expert_tokens": "Tokens routed to each routed expert, by MoE layer",
+    "spec_draft_tokens": "MTP draft tokens proposed and verified, by draft position (0 = first)",
+    "spec_accepted_tokens": "MTP draft tokens accepted, by draft position (0 = first)",
 }
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

@@ -161,6 +161,11 @@ class Request:
         self.admitted = False  # has been in the running batch at least once
         self.num_preemptions = 0
         self.num_cached_prompt_tokens = 0  # prompt tokens taken from the prefix cache when first admitted
+        # speculative decoding (`speculative.py`): drafts to verify next step, the probabilities
+        # they were drawn from (sampled requests), and cache slots reserved beyond the drafts
+        self.draft_ids: list[int] = []
+        self.draft_probs: list[torch.Tensor] = []
+        self.lookahead = 0
 
     @property
     def num_tokens(self) -> int:
@@ -174,6 +179,11 @@ class Request:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.blocks.num_tokens
+
+    @property
+    def num_wanted(self) -> int:
+        """Tokens the next step would feed: the uncomputed ones plus any drafts to verify."""
+        return self.num_uncomputed + len(self.draft_ids)
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without concatenating the whole list."""

@@ -16,7 +16,8 @@ import torch
 
 from moeserve.workers.model.batch import ForwardBatch, SequenceStep
 from moeserve.workers.model.kv_cache import BlockAllocator, PagedLatentCache
-from moeserve.workers.model.moe import RoutedExecutor
+from moeserve.workers.model.moe import LocalRoutedExecutor, RoutedExecutor
+from moeserve.workers.model.mtp import MTPLayer
 from moeserve.workers.model.transformer import Transformer
 
 
@@ -80,7 +81,9 @@ class CountingExecutor:
 
 
 class LocalModelRunner:
-    """The whole model in this process, with a paged latent cache of `num_blocks` blocks."""
+    """The whole model in this process, with a paged latent cache of `num_blocks` blocks. With an
+    `mtp` layer it is also a `SpeculativeRunner`: the cache gets one more layer (the MTP layer's,
+    same block tables) and the MTP layer's MoE goes through the same routed executor."""
 
     def __init__(
         self,
@@ -89,15 +92,20 @@ class LocalModelRunner:
         block_size: int,
         routed: RoutedExecutor | None = None,
         device: torch.device | str = "cpu",
+        mtp: MTPLayer | None = None,
     ):
         cfg = model.config
         self.model = model
+        self.mtp = mtp
         self.device = torch.device(device)
-        self.cache = PagedLatentCache(
-            cfg.num_hidden_layers, num_blocks, block_size, cfg.latent_dim, model.dtype, device
-        )
-        self.expert_load = ExpertLoad(cfg.moe_layers, cfg.n_routed_experts)
-        self.routed = CountingExecutor(routed or model.local_executor(), self.expert_load)
+        layers = cfg.num_hidden_layers + (1 if mtp is not None else 0)
+        self.cache = PagedLatentCache(layers, num_blocks, block_size, cfg.latent_dim, model.dtype, device)
+        moe_layers = cfg.moe_layers + ([mtp.layer] if mtp is not None and cfg.is_moe_layer(mtp.layer) else [])
+        self.expert_load = ExpertLoad(moe_layers, cfg.n_routed_experts)
+        if routed is None:
+            local = model.local_experts() | (mtp.local_experts() if mtp is not None else {})
+            routed = LocalRoutedExecutor(local)
+        self.routed = CountingExecutor(routed, self.expert_load)
 
     @property
     def block_size(self) -> int:
@@ -118,3 +126,26 @@ class LocalModelRunner:
     def step(self, steps: list[SequenceStep]) -> torch.Tensor:
         batch = ForwardBatch.build(steps, self.block_size, self.device)
         return self.model(batch, self.cache, self.routed).cpu()  # [S, V] fp32
+
+    # SpeculativeRunner
+    @property
+    def has_mtp(self) -> bool:
+        return self.mtp is not None
+
+    def step_hidden(self, steps: list[SequenceStep]) -> torch.Tensor:
+        batch = ForwardBatch.build(steps, self.block_size, self.device)
+        return self.model.hidden_states(batch, self.cache, self.routed)  # [T, D]
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.head_logits(hidden).cpu()  # [R, V] fp32
+
+    def mtp_step(self, steps: list[SequenceStep], previous_hidden: torch.Tensor) -> torch.Tensor:
+        if self.mtp is None:
+            raise RuntimeError("this runner has no MTP layer")
+        batch = ForwardBatch.build(steps, self.block_size, self.device)
+        return self.mtp(batch, previous_hidden, self.cache, self.model.rope, self.routed)  # [T, D]
+
+    def mtp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.mtp is None:
+            raise RuntimeError("this runner has no MTP layer")
+        return self.mtp.logits(hidden).cpu()  # [R, V] fp32

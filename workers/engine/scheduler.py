@@ -71,8 +71,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_uncomputed, budget)
-            if not self._reserve_or_preempt(request, n, plan):
+            n = min(request.num_wanted, budget)
+            if not self._reserve_or_preempt(request, n + request.lookahead, plan):
                 break  # the request itself was preempted: nothing after it can run either
             plan.chunks.append((request, n))
             budget -= n
@@ -83,10 +83,10 @@ class Scheduler:
             request = self.waiting[0]
             request.blocks.adopt(self.allocator, self.prefix.match(request))  # cached leading blocks
             n = min(request.num_uncomputed, budget)
-            if request.blocks.blocks_needed(n) > self.allocator.num_free:
+            if request.blocks.blocks_needed(n + request.lookahead) > self.allocator.num_free:
                 request.blocks.release(self.allocator)  # not admitted: the adopted blocks go back
                 break
-            request.blocks.reserve(self.allocator, n)
+            request.blocks.reserve(self.allocator, n + request.lookahead)
             self.prefix.record_admission(request)
             self.waiting.popleft()
             self.running.append(request)

@@ -60,7 +60,12 @@ def local_loader(model_path: Path, dtype: torch.dtype, settings: EngineSettings)
 
         model = load_model(model_path, dtype)
         tokenizer = Tokenizer.from_model_dir(model_path)
-        runner = LocalModelRunner(model, settings.num_blocks, settings.block_size)
+        mtp = None
+        if settings.speculative == "mtp":  # the draft layer beside the model
+            from moeserve.workers.model.mtp import load_mtp
+
+            mtp = load_mtp(model_path, model)
+        runner = LocalModelRunner(model, settings.num_blocks, settings.block_size, mtp=mtp)
         salt = model_cache_salt(Path(model_path), str(dtype))
         engine = Engine(
             runner, settings, model.config.eos_token_ids, tokenizer, observer=metrics, cache_salt=salt

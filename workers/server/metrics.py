@@ -84,12 +84,22 @@ class ServingMetrics(EngineObserver):
         self.kv_used = Gauge(f"{P}kv_blocks_used", HELP["kv_blocks_used"], registry=r)
         self.kv_free = Gauge(f"{P}kv_blocks_free", HELP["kv_blocks_free"], registry=r)
         self.kv_cached = Gauge(f"{P}kv_blocks_cached", HELP["kv_blocks_cached"], registry=r)
+        self.spec_draft, self.spec_accepted = (
+            Counter(f"{P}{name}", HELP[name], ["position"], registry=r)
+            for name in ("spec_draft_tokens", "spec_accepted_tokens")
+        )
         self._experts = _ExpertLoadCollector()
         r.register(self._experts)
         self._prefix = _PrefixCacheCollector()
         r.register(self._prefix)
         self._balance = BalanceCollector()
         r.register(self._balance)
+
+    def on_speculation(self, proposed: int, accepted: int) -> None:
+        for position in range(proposed):  # acceptance rate at i = accepted{i} / draft{i}
+            self.spec_draft.labels(str(position)).inc()
+            if position < accepted:
+                self.spec_accepted.labels(str(position)).inc()
 
     def bind(self, loop: EngineLoop, expert_load: ExpertLoad | None) -> None:
         """Read gauges from this engine from now on."""
