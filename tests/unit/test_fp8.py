@@ -341,3 +341,14 @@ def test_quantize_fp8_usage_errors_exit_2(
 def test_generate_fp8_weights_flag_rejects_other_values(capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _cli_exit(["generate", "--prompt-ids", "1,2", "--fp8-weights", "int4"], capsys)
     assert code == 2 and "--fp8-weights" in err
+
+
+def test_generate_with_kept_fp8_weights_prints_the_dequantized_tokens(
+    checkpoints: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    outputs = {}
+    for mode in MODES:
+        argv = ["generate", "--model", str(checkpoints["fp8"]), "--prompt-ids", "5,6,7", "--max-tokens", "6"]
+        assert cli_main([*argv, "--dtype", "float32", "--json", "--fp8-weights", mode]) == 0
+        outputs[mode] = json.loads(capsys.readouterr().out)["token_ids"]
+    assert outputs["keep"] == outputs["dequantize"] and len(outputs["keep"]) == 6
