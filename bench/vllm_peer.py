@@ -47,9 +47,14 @@ def main() -> None:
     config = json.load(open(os.path.join(args.model, "config.json")))
     vocab = int(config["vocab_size"])
     batches = [int(b) for b in args.batches.split(",")]
+    overrides: dict[str, object] = {"architectures": config.get("architectures", ["DeepseekV2ForCausalLM"])}
+    if config.get("topk_group") is None:  # vLLM's CPU router asserts a group; one group is plain top-k
+        overrides.update(n_group=1, topk_group=1)
     t0 = time.perf_counter()
     llm = LLM(
         model=args.model,
+        runner="generate",  # our random checkpoints' config.json names no architecture
+        hf_overrides=overrides,
         dtype="bfloat16",
         skip_tokenizer_init=True,
         max_model_len=args.long_prompt + args.long_new_tokens + args.skip_tokens + args.timed_tokens + 16,
