@@ -233,3 +233,23 @@ def test_speculation_needs_an_mtp_layer(tiny_mtp) -> None:
         Engine(runner, EngineSettings(speculative="mtp"))
     with pytest.raises(ValueError, match="num_speculative_tokens: must be in"):
         EngineSettings(speculative="mtp", num_speculative_tokens=4)
+
+
+def test_embedded_model_drafts_are_accepted_and_greedy_is_identical() -> None:
+    """The embedded default model's trained MTP layer: drafts at both positions are often kept
+    (the accepted path and the roll-back of a partly rejected chain), and greedy stays identical."""
+    from moeserve.workers.model.loader import EMBEDDED_MODEL_PATH
+    from moeserve.workers.model.tokenizer import Tokenizer
+
+    model = load_model(EMBEDDED_MODEL_PATH)
+    mtp = load_mtp(EMBEDDED_MODEL_PATH, model)
+    tok = Tokenizer.from_model_dir(EMBEDDED_MODEL_PATH)
+    assert tok is not None
+    texts = ["import os\nimport sys\n\n\ndef main():\n    ", "class Parser:\n    def __init__(self, text):\n"]
+    prompts = [tok.encode(t) for t in texts]
+    sampling = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True) for _ in prompts]
+    plain, _ = run_engine(model, None, prompts, sampling)
+    spec, engine = run_engine(model, mtp, prompts, sampling, speculative="mtp", num_speculative_tokens=2)
+    assert spec == plain
+    stats = engine.speculator.stats  # type: ignore[union-attr]
+    assert stats.acceptance_rate(0) > 0.4 and 0 < stats.accepted[1] < stats.proposed[1]

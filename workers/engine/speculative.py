@@ -22,6 +22,7 @@ Legend: T tokens, S sequences, D hidden, V vocab, K draft tokens.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -32,6 +33,7 @@ from moeserve.workers.engine.sampler import filtered_probs
 from moeserve.workers.model.batch import SequenceStep
 
 MAX_SPECULATIVE_TOKENS = 3
+log = logging.getLogger(__name__)
 
 
 class SpeculativeRunner(Protocol):
@@ -271,7 +273,14 @@ class MTPSpeculator:
             logits = self.runner.mtp_logits(h)  # [S'', V]
             for row, i in enumerate(drafting):
                 request = live[i].request
-                token, q = draft_from(logits[row], request.sampling, request.generator)
+                try:
+                    token, q = draft_from(logits[row], request.sampling, request.generator)
+                except Exception:  # noqa: BLE001 - bad draft logits: this request decodes without drafts
+                    log.exception(
+                        "request %s: drafting failed; it goes on without drafts", request.request_id
+                    )
+                    request.draft_ids, request.draft_probs, counts[i] = [], [], 0
+                    continue
                 request.draft_ids.append(token)
                 if q is not None:
                     request.draft_probs.append(q)

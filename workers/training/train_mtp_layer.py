@@ -98,12 +98,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out", required=True, type=Path, help="output directory (a copy of --model plus the layer)"
     )
-    p.add_argument("--steps", type=positive_int, default=600)
-    p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--seq-len", type=positive_int, default=256)
-    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--steps", type=positive_int, default=700)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--threads", type=positive_int, default=1, help="1 is fastest for this size")
     p.add_argument("--corpus-mb", type=positive_float, default=8.0)
     return p.parse_args(argv)
 
@@ -185,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     note = (
         f"\n## MTP layer\n\n`model.layers.{layer}.*` is a multi-token-prediction layer (DeepSeek-V3 layout;"
         f" embedding and head shared with the main model) for `--speculative mtp`, trained by\n"
-        f"`python -m moeserve.workers.training.train_mtp_layer --model DIR --out DIR --steps {args.steps}`"
+        f"`python -m moeserve.workers.training.train_mtp_layer --model DIR --out DIR --steps {args.steps} "
+        f"--batch-size {args.batch_size} --seq-len {args.seq_len} --lr {args.lr} --seed {args.seed}`"
         f" on the frozen main model\n(distillation to its distribution one token ahead; {args.steps} steps of"
         f" {args.batch_size} x {args.seq_len} tokens, lr {args.lr}, seed {args.seed}, {minutes:.1f} min).\n"
         f"Held-out top-1 agreement with the main model one token ahead: {val_agree:.3f}.\n"
