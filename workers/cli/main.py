@@ -18,11 +18,14 @@ from moeserve.workers.cli import expert_parallel as ep_cli
 from moeserve.workers.cli import experts as experts_cli
 from moeserve.workers.cli import plan as plan_cli
 from moeserve.workers.cli import serve as serve_cli
+from moeserve.workers.cli import speculative as spec_cli
 from moeserve.workers.cli.args import non_negative_float, positive_int, token_ids
 from moeserve.workers.model.loader import EMBEDDED_MODEL_PATH
 
 if TYPE_CHECKING:
     from moeserve.workers.model.tokenizer import Tokenizer
+    from moeserve.workers.model.transformer import Transformer
+    from moeserve.workers.offline.generate import GenerationSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--enforce-eager", action="store_true", help="on CUDA: run decode steps eagerly, without CUDA graphs"
     )
     serve_cli.add_endpoint_arguments(gen)
+    spec_cli.add_arguments(gen)
     serve_cli.add_serve_parser(sub, sorted(DTYPES), default_model_path())
 
     model = sub.add_parser("model", help="model tools")
@@ -115,6 +119,7 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     path = args.model or default_model_path()
     if not (path / "config.json").exists():
         parser.error(f"--model: no config.json in {path}")
+    num_speculative = spec_cli.check(parser, args, path)
     tokenizer = Tokenizer.from_model_dir(path)
     if args.prompt and tokenizer is None:
         parser.error(f"--prompt needs a tokenizer.json in {path}; use --prompt-ids instead")
@@ -134,8 +139,39 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if any(t >= vocab for p in prompts for t in p):
         parser.error(f"--prompt-ids: token id out of range (vocab size {vocab})")
     settings = GenerationSettings(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    outputs = generate(model, prompts, settings, enforce_eager=args.enforce_eager)
+    if args.speculative:
+        outputs = _generate_speculative(parser, path, model, prompts, settings, num_speculative)
+    else:
+        outputs = generate(model, prompts, settings, enforce_eager=args.enforce_eager)
     return _print_outputs(args, prompts, outputs, tokenizer)
+
+
+def _generate_speculative(
+    parser: argparse.ArgumentParser,
+    path: Path,
+    model: Transformer,
+    prompts: list[list[int]],
+    settings: GenerationSettings,
+    num_speculative_tokens: int,
+) -> list[list[int]]:
+    """`--speculative mtp`: the prompts through the engine with the checkpoint's MTP layer; the
+    drafts' acceptance goes to stderr."""
+    from moeserve.workers.model.loader import CheckpointError
+    from moeserve.workers.model.mtp import load_mtp
+    from moeserve.workers.offline.speculative import generate_speculative
+
+    try:
+        mtp = load_mtp(path, model)
+    except CheckpointError as e:
+        parser.error(f"--speculative mtp: {e}")
+    outputs, stats = generate_speculative(model, mtp, prompts, settings, num_speculative_tokens)
+    rates = " ".join(f"{stats.acceptance_rate(i):.2f}" for i in range(num_speculative_tokens))
+    print(
+        f"speculative mtp: {stats.num_accepted}/{stats.num_proposed} drafts accepted "
+        f"(by position: {rates})",
+        file=sys.stderr,
+    )
+    return outputs
 
 
 def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from moeserve import contract, extras
 from moeserve.engine_settings import EngineSettings, RequestLimits
+from moeserve.workers.cli import speculative as spec_cli
 from moeserve.workers.cli import expert_parallel as ep_cli
 
 DEFAULT_HTTP_PORT = 8000
@@ -122,6 +123,7 @@ def add_serve_parser(sub: argparse._SubParsersAction, dtypes: list[str], default
         "--ray-address", default=None, help="join this Ray cluster (default: start a local one)"
     )
     serve.add_argument("--replicas", type=int, default=1, help="model instances (with --ray)")
+    spec_cli.add_arguments(serve)
 
 
 def add_endpoint_arguments(gen: argparse.ArgumentParser) -> None:
@@ -178,6 +180,8 @@ def engine_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             max_waiting=args.max_waiting,
             max_model_len=args.max_model_len,
             prefix_caching=not args.no_prefix_caching,
+            speculative=args.speculative,
+            num_speculative_tokens=spec_cli.check(parser, args, args.model),
         )
     except ValueError as e:
         field, _, problem = str(e).partition(": ")
