@@ -5,6 +5,7 @@ stream UNAVAILABLE and its instance serves again, and bad configs start nothing.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -153,7 +154,7 @@ def test_serve_cli_with_ray_serves_then_stops_cleanly_on_sigterm(serving_checkpo
         str(serving_checkpoint),
     ]
     cmd += ["--expert-ranks", "2", "--port", str(port), "--max-model-len", "256"]
-    cmd += ["--metrics-port", str(metrics_port)]
+    cmd += ["--metrics-port", str(metrics_port), "--http-port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
@@ -161,6 +162,10 @@ def test_serve_cli_with_ray_serves_then_stops_cleanly_on_sigterm(serving_checkpo
             if "serving through Ray Serve" in line:
                 break
         threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe from filling
+        http = re.search(r"OpenAI HTTP API on :(\d+)", line)  # --http-port 0: the port it got, printed
+        assert http, line
+        status, answer = post(f"http://127.0.0.1:{http.group(1)}/v1/completions", {"prompt": [3, 4, 5]})
+        assert status == 200 and answer["usage"]["prompt_tokens"] == 3, answer
         with InferenceClient(f"127.0.0.1:{port}") as client:
             done = client.generate(build_request(None, [3, 4, 5], max_tokens=4, temperature=0.0))
             assert done.completion_tokens == 4
@@ -206,6 +211,7 @@ def test_serve_cli_joins_a_token_authenticated_cluster_and_leaves_it_running(
     try:
         cmd = [sys.executable, "-m", "moeserve.workers.cli.main", "serve", "--ray", "--ray-address", address]
         cmd += ["--model", str(serving_checkpoint), "--port", str(port), "--max-model-len", "256"]
+        cmd += ["--no-http"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         try:
             assert proc.stdout is not None
@@ -262,7 +268,8 @@ def http_outputs(base_url: str) -> dict[str, Any]:
         prompts: list[Any] = [list(range(3, 8)), list(range(40, 73))]
         done = api.completions.create(model=SERVED_NAME, prompt=prompts, max_tokens=7, temperature=0.0)
         out["completions"] = sorted((c.index, c.text, c.finish_reason) for c in done.choices)
-        out["usage"] = done.usage.model_dump() if done.usage else None
+        # cached_tokens (prefix caching) depends on what each server served before: not compared
+        out["usage"] = done.usage.model_dump(exclude={"prompt_tokens_details"}) if done.usage else None
         text = api.completions.create(
             model=SERVED_NAME, prompt="experts route latent", max_tokens=5, temperature=0.0
         )
@@ -272,10 +279,14 @@ def http_outputs(base_url: str) -> dict[str, Any]:
         )
         out["streamed"] = "".join(c.choices[0].text for c in stream if c.choices)
         chat = api.chat.completions.create(model=SERVED_NAME, messages=CHAT, max_tokens=6, temperature=0.0)  # type: ignore[arg-type]
-        usage = chat.usage.model_dump() if chat.usage else None
+        usage = chat.usage.model_dump(exclude={"prompt_tokens_details"}) if chat.usage else None
         out["chat"] = (chat.choices[0].message.content, chat.choices[0].finish_reason, usage)
         deltas = api.chat.completions.create(
-            model=SERVED_NAME, messages=CHAT, max_tokens=6, temperature=0.0, stream=True  # type: ignore[arg-type]
+            model=SERVED_NAME,
+            messages=CHAT,
+            max_tokens=6,
+            temperature=0.0,
+            stream=True,  # type: ignore[arg-type]
         )
         out["chat_streamed"] = [(c.choices[0].delta.role, c.choices[0].delta.content) for c in deltas]
     return out
