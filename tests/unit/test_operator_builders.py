@@ -615,8 +615,9 @@ def test_crd_engine_fields_are_exactly_the_engine_limits() -> None:
     engine = _schema()["properties"]["spec"]["properties"]["serving"]["properties"]["engine"]
     assert set(engine["properties"]) == set(ENGINE_FIELDS)
     # every EngineSettings field has a CRD home: max_model_len is spec.model.maxModelLen; the request
-    # size limits keep their defaults on clusters (no CRD field yet)
-    others = {"max_model_len", "limits"}
+    # size limits keep their defaults on clusters (no CRD field yet), prefix caching stays on, and MTP
+    # speculation is refused with expert ranks (so under Ray) for now
+    others = {"max_model_len", "limits", "prefix_caching", "speculative", "num_speculative_tokens"}
     assert sorted(ENGINE_FIELDS.values()) == sorted(set(EngineSettings().__dataclass_fields__) - others)
 
 
