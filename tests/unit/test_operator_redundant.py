@@ -38,8 +38,7 @@ def test_redundant_experts_travel_from_the_spec_to_the_config_map() -> None:
 
 
 def test_the_ray_app_gives_every_rank_the_redundant_slots() -> None:
-    pytest.importorskip("ray")
-    from moeserve.workers.ray_app.app import rank_spec
+    from moeserve.workers.ray_app.app import rank_spec  # needs the ray extra (installed for tests)
 
     cfg = ServeAppConfig.from_dict({"expert_ranks": 2, "redundant_experts": 3})
     assert rank_spec(cfg).ep.redundant_experts == 3

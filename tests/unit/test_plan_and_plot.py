@@ -122,7 +122,6 @@ def test_metrics_give_the_load_and_the_current_map() -> None:
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")  # the plot extra (installed with dev)
     text = tmp_path / "metrics.txt"
     text.write_text(METRICS)
     out = tmp_path / "load.png"

@@ -3,6 +3,7 @@ prefix unless it is overloaded; rebuilding instances are skipped; only `generate
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,9 +70,12 @@ def pending(method: str, *args: Any) -> PendingRequest:
 
 
 def test_only_generate_calls_carry_a_prompt() -> None:
-    assert prompt_of(pending("generate", [1, 2, 3], None, "id", None)) == [1, 2, 3]
-    assert prompt_of(pending("stats")) is None
-    assert prompt_of(None) is None
+    async def check() -> None:  # a PendingRequest makes a future: it needs a running loop
+        assert prompt_of(pending("generate", [1, 2, 3], None, "id", None)) == [1, 2, 3]
+        assert prompt_of(pending("stats")) is None
+        assert prompt_of(None) is None
+
+    asyncio.run(check())
 
 
 def test_the_router_config_follows_the_engine_settings() -> None:
