@@ -380,6 +380,18 @@ def test_two_model_instances_serve_concurrent_requests(address: str, reference: 
     assert all(s > 0 for s in steps), steps
 
 
+def test_requests_sharing_a_prefix_meet_its_cache_on_one_instance(address: str) -> None:
+    system = [(13 * i) % 300 + 2 for i in range(64)]  # 4 blocks, seen by no other test
+    with InferenceClient(address) as client:
+        done = [
+            client.generate(build_request(None, [*system, i + 2], max_tokens=2, temperature=0.0))
+            for i in range(6)
+        ]
+    # the prefix router sends them all to the instance that computed the prefix (Serve's random
+    # pick of two would send one of the five to the other instance with probability 31/32)
+    assert [c.cached_prompt_tokens for c in done[1:]] == [64] * 5
+
+
 def health(address: str, service: str = "") -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

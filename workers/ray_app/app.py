@@ -40,6 +40,7 @@ from moeserve.workers.parallel.placement import PlacementError
 from moeserve.workers.parallel.settings import EPSettings
 from moeserve.workers.ranks.serving import ServingRankSpec
 from moeserve.workers.ray_app.openai_ingress import ServeRequestLoop
+from moeserve.workers.ray_app.prefix_router import prefix_router_config
 from moeserve.workers.ray_app.ranks import ModelInstanceCore
 from moeserve.workers.ray_app.routing import READY_STAT, router_config
 from moeserve.workers.server.convert import check_sizes, model_info, to_engine, to_response
@@ -262,7 +263,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         raise ServeConfigError(f"placement: {e}") from e
     config = cfg.to_dict()
     health = InstanceHealth.bind()  # type: ignore[attr-defined]
-    model = ModelInstance.options(num_replicas=cfg.replicas).bind(config, health)  # type: ignore[attr-defined]
+    # cache-aware routing between instances (issue 17): a prompt goes where its prefix is cached
+    router = prefix_router_config(cfg.engine, cfg.attention_ranks)
+    model = ModelInstance.options(  # type: ignore[attr-defined]
+        num_replicas=cfg.replicas, request_router_config=router
+    ).bind(config, health)
     return InferenceIngress.bind(model, health, config)  # type: ignore[attr-defined,no-any-return]
 
 
