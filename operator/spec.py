@@ -35,6 +35,8 @@ ENGINE_FIELDS: dict[str, str] = {
     "kvCacheTokens": "kv_cache_tokens",
     "blockSize": "block_size",
 }
+"""Integer engine limits: CRD name under spec.serving.engine -> EngineSettings field."""
+PREFIX_CACHING_FIELD = "prefixCaching"  # spec.serving.engine.prefixCaching -> prefix_caching (bool)
 
 
 class SpecError(ValueError):
@@ -193,10 +195,11 @@ class MoEServiceSpec:
 
 
 def _engine_settings(engine: Mapping[str, Any]) -> EngineSettings:
-    values = {
+    values: dict[str, Any] = {
         py: _value(engine, crd, int, "spec.serving.engine", getattr(EngineSettings, py))
         for crd, py in ENGINE_FIELDS.items()
     }
+    values["prefix_caching"] = _flag(engine, PREFIX_CACHING_FIELD, "spec.serving.engine", True)
     try:
         return EngineSettings(**values)
     except ValueError as e:  # the message starts with the EngineSettings field
@@ -224,6 +227,7 @@ def serve_app_config(spec: MoEServiceSpec, replicas: int | None = None) -> Serve
         "collective_timeout_s": spec.serving.collective_timeout_s,
         "engine": {
             **{f: getattr(spec.serving.engine, f) for f in ENGINE_FIELDS.values()},
+            "prefix_caching": spec.serving.engine.prefix_caching,
             "max_model_len": spec.model.max_model_len,
         },
         "ports": {
@@ -287,6 +291,15 @@ def _value(
     value = raw[key]
     if isinstance(value, bool) or not isinstance(value, kind):
         raise SpecError(f"{path}.{key}: expected {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _flag(raw: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise SpecError(f"{path}.{key}: expected a boolean, got {value!r}")
     return value
 
 

@@ -305,6 +305,11 @@ def test_chart_installs_the_crd_and_an_operator_with_least_privilege(
         ("demo", {"serving": {"httpPort": 9000}}, "serving.httpPort must differ from serving.grpcPort"),
         ("demo", {"serving": {"httpPort": 8265}}, "serving.httpPort must not be a Ray head port"),
         ("demo", {"serving": {"httpPort": 0}}, "spec.serving.httpPort in body should be greater than"),
+        (
+            "demo",
+            {"serving": {"engine": {"prefixCaching": "no"}}},
+            "spec.serving.engine.prefixCaching in body must be of type boolean",
+        ),
         ("9lives", {}, "metadata.name must be a DNS label of at most 50 characters starting with a letter"),
         ("x" * 51, {}, "metadata.name must be a DNS label of at most 50 characters"),
     ],

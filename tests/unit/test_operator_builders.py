@@ -22,7 +22,13 @@ from moeserve import contract
 from moeserve.engine_settings import EngineSettings
 from moeserve.operator import builders
 from moeserve.operator.builders import GPU_RESOURCE, Owner
-from moeserve.operator.spec import ENGINE_FIELDS, MoEServiceSpec, SpecError, serve_app_config
+from moeserve.operator.spec import (
+    ENGINE_FIELDS,
+    PREFIX_CACHING_FIELD,
+    MoEServiceSpec,
+    SpecError,
+    serve_app_config,
+)
 from moeserve.serve_config import ServeAppConfig, ServeConfigError
 from tests.moeservices import REPO, crd, example, merge, moeservice
 
@@ -601,7 +607,8 @@ def test_crd_defaults_equal_the_spec_readers_and_serve_app_configs() -> None:
     minimal = {"image": IMAGE_MIN, "model": {"path": "/m"}}
     defaulted = _apply_defaults(_schema()["properties"]["spec"], minimal)
     assert defaulted["serving"]["engine"] == {
-        crd_name: getattr(EngineSettings(), f) for crd_name, f in ENGINE_FIELDS.items()
+        **{crd_name: getattr(EngineSettings(), f) for crd_name, f in ENGINE_FIELDS.items()},
+        PREFIX_CACHING_FIELD: EngineSettings().prefix_caching,
     }
     assert MoEServiceSpec.from_dict(defaulted) == MoEServiceSpec.from_dict(minimal)
     from_crd = serve_app_config(MoEServiceSpec.from_dict(defaulted)).to_dict()
@@ -613,12 +620,23 @@ def test_crd_defaults_equal_the_spec_readers_and_serve_app_configs() -> None:
 
 def test_crd_engine_fields_are_exactly_the_engine_limits() -> None:
     engine = _schema()["properties"]["spec"]["properties"]["serving"]["properties"]["engine"]
-    assert set(engine["properties"]) == set(ENGINE_FIELDS)
+    assert set(engine["properties"]) == {*ENGINE_FIELDS, PREFIX_CACHING_FIELD}
+    assert engine["properties"][PREFIX_CACHING_FIELD]["default"] is EngineSettings().prefix_caching
     # every EngineSettings field has a CRD home: max_model_len is spec.model.maxModelLen; the request
-    # size limits keep their defaults on clusters (no CRD field yet), prefix caching stays on, and MTP
-    # speculation is refused with expert ranks (so under Ray) for now
+    # size limits keep their defaults on clusters (no CRD field yet), and MTP speculation is refused
+    # with expert ranks (so under Ray) for now
     others = {"max_model_len", "limits", "prefix_caching", "speculative", "num_speculative_tokens"}
     assert sorted(ENGINE_FIELDS.values()) == sorted(set(EngineSettings().__dataclass_fields__) - others)
+
+
+def test_prefix_caching_travels_from_the_spec_to_the_serve_config() -> None:
+    def config(engine: dict[str, Any]) -> ServeAppConfig:
+        return serve_app_config(spec_of(serving={"engine": engine}))
+
+    assert config({}).engine.prefix_caching is True
+    assert config({PREFIX_CACHING_FIELD: False}).engine.prefix_caching is False
+    with pytest.raises(SpecError, match=r"^spec.serving.engine.prefixCaching: expected a boolean, got 'no'"):
+        config({PREFIX_CACHING_FIELD: "no"})
 
 
 def test_crd_names_scale_subresource_and_printer_columns() -> None:
