@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from moeserve.workers.engine.runner import LocalModelRunner
+from moeserve.workers.model import fp8
 from moeserve.workers.model.batch import SequenceStep
-from moeserve.workers.model.loader import CheckpointError, load_model
+from moeserve.workers.model.loader import SCALE_SUFFIX, CheckpointError, load_model
 from moeserve.workers.model.mtp import load_mtp
+from moeserve.workers.model.quantize_fp8 import quantize_checkpoint
 from tests.builders import REFERENCE_CONFIGS, reference_model
 
 pytestmark = pytest.mark.unit
@@ -136,3 +138,49 @@ def test_a_missing_mtp_tensor_is_named(mtp_checkpoint, tmp_path: Path) -> None:
         (out / "config.json").write_text((path / "config.json").read_text())
         with pytest.raises(CheckpointError, match=message):
             load_mtp(out, load_model(out))
+
+
+def _dequantized_copy(src: Path, out: Path) -> Path:
+    """`src` (fp8 block-scaled) with every fp8 weight dequantized to fp32, as a plain checkpoint."""
+    out.mkdir()
+    tensors = load_file(str(src / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    block = tuple(config.pop("quantization_config")["weight_block_size"])
+    plain = {
+        name: fp8.dequantize(fp8.BlockFp8(t, tensors[name + SCALE_SUFFIX], block))
+        if t.dtype == fp8.FP8
+        else t
+        for name, t in tensors.items()
+        if not name.endswith(SCALE_SUFFIX)
+    }
+    save_file(plain, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_an_fp8_checkpoints_mtp_layer_loads_dequantized(mtp_checkpoint, tmp_path: Path) -> None:
+    """quantize-fp8 stores the MTP layer's linear weights as fp8 blocks, as DeepSeek-V3 publishes
+    them: its logits equal those of the same layer with the weights dequantized beforehand."""
+    path, _ = mtp_checkpoint
+    quantized = quantize_checkpoint(path, tmp_path / "fp8")
+    names = load_file(str(quantized / "model.safetensors"))
+    scaled = f"model.layers.{MTP_LAYER}.mlp.experts.0.down_proj.weight"
+    assert names[scaled].dtype == fp8.FP8 and scaled + SCALE_SUFFIX in names
+    assert names[f"model.layers.{MTP_LAYER}.self_attn.kv_a_proj_with_mqa.weight"].dtype == fp8.FP8
+    plain = _dequantized_copy(quantized, tmp_path / "plain")
+    ids = torch.randint(0, 100, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    logits = []
+    for checkpoint in (quantized, plain):
+        model = load_model(checkpoint)
+        runner = LocalModelRunner(model, 16, 4, mtp=load_mtp(checkpoint, model))
+        blocks = [runner.allocator.allocate() for _ in range(3)]  # 9 tokens in blocks of 4
+        hidden = runner.step_hidden([SequenceStep(ids, 0, blocks)])
+        logits.append(runner.mtp_logits(runner.mtp_step([SequenceStep(ids[1:], 0, blocks)], hidden[:-1])))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+
+    # a scale missing from the MTP layer is named
+    tensors = dict(names)
+    del tensors[scaled + SCALE_SUFFIX]
+    save_file(tensors, str(quantized / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"'{scaled}' has no block scales"):
+        load_mtp(quantized, load_model(quantized))

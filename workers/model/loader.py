@@ -5,7 +5,7 @@ memory-mapped (single `model.safetensors` or sharded with `model.safetensors.ind
 the tensors a role needs are read: the attention side (embeddings, MLA, norms, router, shared
 experts, head) or a subset of routed experts. A missing, unexpected or mis-shaped tensor is a
 `CheckpointError` naming it. Multi-token-prediction layers (index >= num_hidden_layers, as in
-DeepSeek-V3) are not used for generation and are skipped.
+DeepSeek-V3) are skipped here; `mtp.load_mtp` reads the first one as a speculative draft layer.
 FP8 block-scaled checkpoints (`quantization_config` fp8, each fp8 `<name>` with its fp32
 `<name>_scale_inv`) load either kept fp8 (`fp8_weights="keep"`: linear layers become
 `BlockFp8Linear`, routed experts keep per-expert block scales) or dequantized once to `dtype`

@@ -28,11 +28,12 @@ from moeserve.workers.model.kv_cache import PagedLatentCache
 from moeserve.workers.model.loader import (
     EXPERT_NAMES,
     LAYER_NAMES,
+    SCALE_SUFFIX,
     CheckpointError,
     CheckpointReader,
-    _copy_into,
     _slot,
     split_part,
+    store,
 )
 from moeserve.workers.model.moe import MoE, RoutedExecutor, RoutedExperts, Router
 from moeserve.workers.model.norm import RMSNorm
@@ -114,7 +115,9 @@ def load_mtp(
     device: str | torch.device | None = None,
 ) -> MTPLayer:
     """The checkpoint's first MTP layer beside `model` (its embedding and head are shared with the
-    model when the checkpoint has no copy of them, or an identical one). Errors name the tensor."""
+    model when the checkpoint has no copy of them, or an identical one). An fp8 checkpoint's MTP
+    weights are dequantized to `dtype` at load (a draft layer: small beside the main model, and run
+    once per drafted token). Errors name the tensor."""
     config = model.config
     if not has_mtp(config):
         raise CheckpointError("the checkpoint has no MTP layer (config num_nextn_predict_layers is 0)")
@@ -139,12 +142,14 @@ def load_mtp(
         if not name.startswith(prefix):
             continue
         rest = name.removeprefix(prefix)
+        if rest.endswith(SCALE_SUFFIX) and reader.is_fp8(name.removesuffix(SCALE_SUFFIX)):
+            continue  # an fp8 weight's block scales: read (and checked) with the weight
         e = _EXPERT.match(rest)
         if e and e.group(2) in EXPERT_NAMES:
             if experts is not None:
                 base, part = split_part(EXPERT_NAMES[e.group(2)])
                 local = experts.expert_ids.index(int(e.group(1)))
-                _copy_into(_slot(getattr(experts, base)[local], part), reader.read(name), name)
+                store(getattr(experts, base)[local], None, part, reader.read_weight(name, config), name)
                 filled.add(f"expert {e.group(1)} {EXPERT_NAMES[e.group(2)]}")
             continue
         if rest not in table:
@@ -152,7 +157,7 @@ def load_mtp(
         base, part = split_part(table[rest])
         if base not in params:
             raise CheckpointError(f"unexpected tensor {name!r}: the config has no {base}")
-        _copy_into(_slot(params[base], part), reader.read(name), name)
+        store(params[base], None, part, reader.read_weight(name, config), name)
         filled.add(table[rest])
     main = dict(model.named_parameters())
     for ours, theirs in SHARED_WITH_MAIN.items():
