@@ -104,3 +104,17 @@ def test_python_run_from_the_repository_root_gets_the_standard_library_operator(
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).parent != ROOT / "operator"
     assert Path(result.stdout.strip()).name == "operator.py"
+
+
+def test_every_python_package_of_the_tree_is_installed() -> None:
+    """A non-editable install (the image) gets only the listed packages: a new subpackage missing
+    from pyproject.toml imports in the checkout but not in the pods (the e2e tier found one)."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {
+        ".".join((name, *init.parent.relative_to(ROOT / folder).parts))
+        for name, folder in setup["package-dir"].items()
+        for init in (ROOT / folder).rglob("__init__.py")
+    }
+    assert found - set(setup["packages"]) == set(), "add them to [tool.setuptools] packages"
