@@ -198,6 +198,12 @@ class HostLock:
                 time.sleep(1.0)
         self.fd = fd
 
+    def previous_owner(self) -> Path | None:
+        """The state directory the last holder recorded (the file outlives it), if any."""
+        assert self.fd is not None
+        recorded = os.pread(self.fd, 4096, 0).decode(errors="replace").strip()
+        return Path(recorded) if recorded else None
+
     def record(self, owner: str) -> None:
         assert self.fd is not None
         os.ftruncate(self.fd, 0)
@@ -222,6 +228,10 @@ class RealNode:
         self.images: dict[str, Image] = {}
         self.kubelet_port = 0
         self.ports: dict[str, int] = {}
+        self.recovered: list[str] = []
+        """What `prepare` cleared of a node that an earlier, killed run left behind."""
+        self.host_before: HostSnapshot | None = None
+        """The host as `prepare` found it (after that clearing), before the node changed anything."""
 
     # -- before the control plane starts ---------------------------------------------------------
 
@@ -245,9 +255,12 @@ class RealNode:
                 "(the moeserve image takes about 10 minutes the first time, then it is cached)."
             )
         self.lock.acquire(lock_timeout_s)
+        # Holding the lock means no node of ours runs; anything of one still here was abandoned.
+        self.recovered = clear_abandoned_node(self.lock.previous_owner())
         self.lock.record(str(self.state_dir))
         self.dir.mkdir(parents=True, exist_ok=True)
-        HostSnapshot.take().save(self.dir / "host-snapshot.json")
+        self.host_before = HostSnapshot.take()
+        self.host_before.save(self.dir / "host-snapshot.json")
         (self.dir / "node.json").write_text(json.dumps({"containerd_state": str(CONTAINERD_STATE)}) + "\n")
         _run("ip", "link", "add", NODE_LINK, "type", "bridge")
         _run("ip", "addr", "add", f"{NODE_IP}/32", "dev", NODE_LINK)
@@ -637,6 +650,44 @@ def stop_node(state_dir: Path, supervisor: Supervisor) -> list[str]:
     shutil.rmtree(CONTAINERD_STATE, ignore_errors=True)
     snapshot_file.unlink()
     return problems
+
+
+def clear_abandoned_node(previous_state_dir: Path | None) -> list[str]:
+    """Stop and undo a node that a killed run left behind; return what was cleared (for the log).
+
+    Call only while holding the host lock: then no node runs, so whatever of one is still here (the
+    run's processes, its bridge, mounts, nft tables; a CI job killed at its time limit leaves them)
+    was abandoned. First the normal stop from the abandoned state directory's records, which
+    restores the host from that run's own snapshot; then, where those records are gone, the
+    fixed-name pieces themselves: without this, the next `ip link add` fails with "File exists".
+    """
+    cleared: list[str] = []
+    if previous_state_dir is not None and (previous_state_dir / "node" / "host-snapshot.json").exists():
+        supervisor = Supervisor(
+            previous_state_dir / "pids", previous_state_dir / "logs", die_with_parent=False
+        )
+        left = stop_node(previous_state_dir, supervisor)
+        killed = supervisor.stop_all()
+        cleared.append(f"stopped the node abandoned in {previous_state_dir}")
+        cleared += [f"{previous_state_dir}: {p}" for p in left]
+        cleared += [f"{previous_state_dir}: {name} needed SIGKILL" for name in killed]
+    cleared += _kill_leftover_shims()
+    if CONTAINERD_STATE.exists():
+        for point in reversed(_mounts_under(CONTAINERD_STATE)):
+            _run("umount", "-l", point, check=False)
+        shutil.rmtree(CONTAINERD_STATE, ignore_errors=True)
+        cleared.append(f"removed {CONTAINERD_STATE}")
+    for link in (NODE_LINK, CNI_BRIDGE):
+        if Path(f"/sys/class/net/{link}").exists():
+            _run("ip", "link", "delete", link, check=False)
+            cleared.append(f"deleted link {link}")
+    return cleared
+
+
+def _mounts_under(root: Path) -> list[str]:
+    prefix = str(root).rstrip("/") + "/"
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return [p for p in points if p.startswith(prefix) or p == str(root)]
 
 
 def _remove_containers() -> list[str]:

@@ -4,7 +4,8 @@
 controllers and the real node (containerd, kubelet, kube-proxy, CoreDNS) with the images of
 tests/controlplane/images.sh imported: `base` (debootstrap'ed Debian with python3) and `moeserve`
 (the repository's Dockerfile). No kwok nodes: every pod lands on the real node. It records the host
-state first and, after stopping, fails the run if anything it changed was not restored.
+state first and, after stopping, fails the run if anything it changed was not restored. What a
+killed earlier run left (its bridge, mounts, nft tables) is cleared first and reported.
 
 It never skips: without root, binaries, packages or images, every test that uses it fails with what
 is missing and the command that installs or builds it. One real node per host: a second session
@@ -25,7 +26,6 @@ from kubernetes import client, config
 
 from tests.controlplane import ControlPlane, MissingBinariesError, StartError, locate_binaries
 from tests.controlplane.cluster import remove_state
-from tests.controlplane.host import HostSnapshot
 from tests.controlplane.node import CONTAINERD_STATE
 from tests.controlplane.waiting import wait_until
 from tests.e2e.support import Kubectl
@@ -52,7 +52,6 @@ def e2e_cluster(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
         failure = str(err)
     if failure:
         pytest.fail(failure, pytrace=False)
-    before = HostSnapshot.take()
     state_dir = Path(tempfile.mkdtemp(prefix="moeserve-e2e-"))
     plane = ControlPlane(state_dir, bin_dir, nodes=(), real_node=True, node_images=("base", "moeserve"))
     try:
@@ -61,6 +60,10 @@ def e2e_cluster(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
         failure = f"control plane with a real node did not start; logs kept in {state_dir}\n{err}"
     if failure:
         pytest.fail(failure, pytrace=False)
+    assert plane.real_node and plane.real_node.host_before
+    before = plane.real_node.host_before  # as the node found the host, after clearing an abandoned one
+    for line in plane.real_node.recovered:
+        _report(request, f"e2e_cluster: cleared what a killed run left: {line}")
     try:
         yield plane
     finally:

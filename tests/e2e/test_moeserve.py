@@ -58,8 +58,10 @@ RESTART_BOUND_S = 900.0
 """Expert pod deleted -> the group recreated, Ready=True again and the reference outputs served."""
 DELETE_TIMEOUT_S = 300.0
 
-# Memory limits so that 4 Ray pods (7 while scaled to 2) and the operator fit a 24 GiB machine.
-HEAD_RESOURCES = {"requests": {"cpu": "100m", "memory": "1Gi"}, "limits": {"memory": "3Gi"}}
+# Memory limits so that 4 Ray pods (7 while scaled to 2) and the operator fit a 24 GiB machine. The
+# head hosts every Serve actor: 3.1 GB in use at 2 replicas, so a 3Gi limit let Ray's memory monitor
+# (95% of the limit) kill the Serve controller in a loop (README: head memory).
+HEAD_RESOURCES = {"requests": {"cpu": "100m", "memory": "1Gi"}, "limits": {"memory": "5Gi"}}
 WORKER_RESOURCES = {"requests": {"cpu": "100m", "memory": "768Mi"}, "limits": {"memory": "2Gi"}}
 
 
@@ -226,7 +228,8 @@ def service(
         file.chmod(0o644)
     reference = _token_ids(
         _moeserve(
-            "generate", "--model", str(model_dir), *_prompt_args(), "--max-tokens", str(MAX_TOKENS), "--json"
+            "generate", "--model", str(model_dir), *_prompt_args(), "--max-tokens", str(MAX_TOKENS), "--json",
+            "--dtype", "float32",  # what the pods compute in (spec.model.dtype)
         )
     )
     assert len(reference) == len(PROMPTS) and all(len(t) == MAX_TOKENS for t in reference)

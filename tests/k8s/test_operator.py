@@ -459,7 +459,8 @@ def test_example_gets_every_child_and_a_status_that_says_what_is_missing(
         s["metadata"]["name"]: s for s in cluster.objects("services", ns, f"{contract.LABEL_SERVICE}={name}")
     }
     assert set(services) == {name, f"{name}-head"}
-    assert {p["port"] for p in services[f"{name}-head"]["spec"]["ports"]} == {6379, 8265, 9000, 8000}  # GCS, dashboard, gRPC, HTTP
+    head_ports = {p["port"] for p in services[f"{name}-head"]["spec"]["ports"]}
+    assert head_ports == {6379, 8265, 9000, 8000}  # GCS, dashboard, Serve gRPC, Serve HTTP
     (config_map,) = cluster.objects("configmaps", ns, f"{contract.LABEL_SERVICE}={name}")
     (secret,) = cluster.objects("secrets", ns, f"{contract.LABEL_SERVICE}={name}")  # the Ray auth token
     assert secret["metadata"]["name"] == f"{name}-ray-auth" and len(secret["data"]["token"]) > 40
