@@ -26,11 +26,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_generate_with_mtp_gives_the_same_tokens() -> None:
-    plain = run_cli("generate", "--prompt", PROMPT, "--max-tokens", "24", "--json")
-    spec = run_cli(
-        "generate", "--prompt", PROMPT, "--max-tokens", "24", "--json", "--speculative", "mtp",
-        "--num-speculative-tokens", "2",
-    )  # fmt: skip
+    # fp32: verifying K drafts in one step is exact only where rounding does not depend on the step's shape.
+    greedy = ("generate", "--prompt", PROMPT, "--max-tokens", "24", "--json", "--dtype", "float32")
+    plain = run_cli(*greedy)
+    spec = run_cli(*greedy, "--speculative", "mtp", "--num-speculative-tokens", "2")
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
     assert json.loads(spec.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
     assert "drafts accepted" in spec.stderr

@@ -20,6 +20,7 @@ from moeserve.workers.cli import plan as plan_cli
 from moeserve.workers.cli import serve as serve_cli
 from moeserve.workers.cli import speculative as spec_cli
 from moeserve.workers.cli.args import non_negative_float, positive_int, token_ids
+from moeserve.workers.cli.dtype import resolve_dtype_or_exit
 from moeserve.workers.model.loader import EMBEDDED_MODEL_PATH
 
 if TYPE_CHECKING:
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
     from moeserve.workers.offline.generate import GenerationSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_HELP = (
+    "compute dtype; auto (default): the checkpoint's own where this device computes it natively, "
+    "else float32 (an AVX2-only CPU widens bf16 weights at load); the choice is printed to stderr"
+)
 
 
 def default_model_path() -> Path:
@@ -50,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=positive_int, default=32)
     gen.add_argument("--temperature", type=non_negative_float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    gen.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help=DTYPE_HELP)
     gen.add_argument(
         "--fp8-weights",
         choices=["dequantize", "keep"],
@@ -65,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_cli.add_endpoint_arguments(gen)
     spec_cli.add_arguments(gen)
-    serve_cli.add_serve_parser(sub, sorted(DTYPES), default_model_path())
+    serve_cli.add_serve_parser(sub, ["auto", *sorted(DTYPES)], default_model_path())
 
     model = sub.add_parser("model", help="model tools")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -127,12 +132,12 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if any(not p for p in prompts):
         parser.error("--prompt: a prompt encodes to no tokens")
     if ep_cli.requested(args):
-        return _print_outputs(
-            args, prompts, ep_cli.generate(parser, args, path, prompts, DTYPES[args.dtype]), tokenizer
-        )
+        dtype = resolve_dtype_or_exit(parser, args.dtype, path, torch.device("cpu"))
+        return _print_outputs(args, prompts, ep_cli.generate(parser, args, path, prompts, dtype), tokenizer)
     device = _device(parser, args.device)
+    dtype = resolve_dtype_or_exit(parser, args.dtype, path, device)
     try:
-        model = load_model(path, DTYPES[args.dtype], device=device, fp8_weights=args.fp8_weights)
+        model = load_model(path, dtype, device=device, fp8_weights=args.fp8_weights)
     except (ConfigError, CheckpointError) as e:
         parser.error(f"--model: {e}")
     vocab = model.config.vocab_size
@@ -167,8 +172,7 @@ def _generate_speculative(
     outputs, stats = generate_speculative(model, mtp, prompts, settings, num_speculative_tokens)
     rates = " ".join(f"{stats.acceptance_rate(i):.2f}" for i in range(num_speculative_tokens))
     print(
-        f"speculative mtp: {stats.num_accepted}/{stats.num_proposed} drafts accepted "
-        f"(by position: {rates})",
+        f"speculative mtp: {stats.num_accepted}/{stats.num_proposed} drafts accepted (by position: {rates})",
         file=sys.stderr,
     )
     return outputs

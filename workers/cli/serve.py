@@ -17,8 +17,8 @@ from pathlib import Path
 
 from moeserve import contract, extras
 from moeserve.engine_settings import EngineSettings, RequestLimits
-from moeserve.workers.cli import speculative as spec_cli
 from moeserve.workers.cli import expert_parallel as ep_cli
+from moeserve.workers.cli import speculative as spec_cli
 
 DEFAULT_HTTP_PORT = 8000
 
@@ -68,7 +68,13 @@ def add_serve_parser(sub: argparse._SubParsersAction, dtypes: list[str], default
         default=None,
         help="jinja2 chat template file (default: chat_template of the model's tokenizer_config.json)",
     )
-    serve.add_argument("--dtype", choices=dtypes, default="float32")
+    serve.add_argument(
+        "--dtype",
+        choices=dtypes,
+        default="auto",
+        help="compute dtype; auto (default): the checkpoint's own where this host computes it natively, "
+        "else float32; the choice is printed to stderr",
+    )
     serve.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
     serve.add_argument("--kv-cache-tokens", type=int, default=d.kv_cache_tokens, help="KV-cache capacity")
     serve.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running batch size limit")
@@ -251,6 +257,15 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
         parser.error("--rebalance-interval: not with --ray yet (--redundant-experts is)")
     if args.ray:
         extras.require_or_exit(extras.RAY, "--ray (Ray Serve)", "moeserve serve")
+    import torch
+
+    from moeserve.workers.cli.dtype import resolve_dtype_or_exit
+
+    # Resolved here, once: the Ray ranks get the name (they may sit on other hosts of the same kind).
+    args.dtype = str(resolve_dtype_or_exit(parser, args.dtype, args.model, torch.device("cpu"))).removeprefix(
+        "torch."
+    )
+    if args.ray:
         return run_ray_serve(parser, args)
     if args.expert_ranks:
         from moeserve.workers.parallel.settings import EPSettings
