@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from moeserve.engine_settings import EngineSettings
-from moeserve.serve_config import ModelSpec, Ports, ServeAppConfig
+from moeserve.serve_config import FP8_WEIGHTS, ModelSpec, Ports, ServeAppConfig
 
 Packing = Literal["Preferred", "Required"]
 PACKINGS: tuple[str, ...] = ("Preferred", "Required")
@@ -49,6 +49,8 @@ class ModelSource:
     """Checkpoint directory or URI, readable from every rank's pod."""
     dtype: str = ModelSpec.dtype
     """Weight and KV-cache dtype (bfloat16, float16, float32)."""
+    fp8_weights: str = ModelSpec.fp8_weights
+    """An FP8 checkpoint's weights: "dequantize" to `dtype` at load, or "keep" them fp8."""
     max_model_len: int | None = None
     """Longest prompt + completion in tokens; None = the checkpoint's."""
     volume: Mapping[str, Any] | None = None
@@ -145,6 +147,7 @@ class MoEServiceSpec:
             model=ModelSource(
                 path=_value(model, "path", str, "spec.model", required=True),
                 dtype=_value(model, "dtype", str, "spec.model", ModelSource.dtype),
+                fp8_weights=_choice(model, "fp8Weights", FP8_WEIGHTS, "spec.model", ModelSource.fp8_weights),
                 max_model_len=_value(model, "maxModelLen", int, "spec.model", None),
                 volume=_volume(model.get("volume"), "spec.model.volume"),
                 sub_path=_value(model, "subPath", str, "spec.model", ""),
@@ -216,7 +219,7 @@ def serve_app_config(spec: MoEServiceSpec, replicas: int | None = None) -> Serve
     """
     placement = spec.experts.placement
     raw = {
-        "model": {"path": spec.model.path, "dtype": spec.model.dtype},
+        "model": {"path": spec.model.path, "dtype": spec.model.dtype, "fp8_weights": spec.model.fp8_weights},
         "replicas": spec.replicas if replicas is None else replicas,
         "attention_ranks": spec.attention.ranks,
         "expert_ranks": spec.experts.ranks,

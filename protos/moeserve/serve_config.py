@@ -15,6 +15,8 @@ from moeserve.engine_settings import EngineSettings, RequestLimits
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+Fp8Weights = Literal["dequantize", "keep"]
+FP8_WEIGHTS: tuple[str, ...] = ("dequantize", "keep")
 
 
 class ServeConfigError(ValueError):
@@ -27,6 +29,9 @@ class ModelSpec:
     """Checkpoint directory (Hugging Face layout) readable by every rank; "" = the embedded model."""
     dtype: Dtype = "bfloat16"
     """Weight and KV-cache dtype."""
+    fp8_weights: Fp8Weights = "dequantize"
+    """An FP8 checkpoint's weights: dequantized to `dtype` at load, or kept fp8 (dequantized per
+    block inside each matmul: half the memory); no effect on other checkpoints."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,11 @@ class ServeAppConfig:
         _check(self.attention_ranks >= 1, "attention_ranks", "must be >= 1")
         _check(self.expert_ranks >= 1, "expert_ranks", "must be >= 1 (routed experts live on expert ranks)")
         _check(self.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}")
+        _check(
+            self.model.fp8_weights in FP8_WEIGHTS,
+            "model.fp8_weights",
+            f"must be one of {', '.join(FP8_WEIGHTS)}",
+        )
         _check(self.gpus_per_attention_rank >= 0, "gpus_per_attention_rank", "must be >= 0")
         _check(self.gpus_per_expert_rank >= 0, "gpus_per_expert_rank", "must be >= 0")
         _check(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0")

@@ -238,6 +238,7 @@ def test_chart_installs_the_crd_and_an_operator_with_least_privilege(
             "spec.experts.placement[0][1]: Duplicate value: 0",
         ),
         ("demo", {"model": {"dtype": "int8"}}, 'spec.model.dtype: Unsupported value: "int8"'),
+        ("demo", {"model": {"fp8Weights": "int4"}}, 'spec.model.fp8Weights: Unsupported value: "int4"'),
         ("demo", {"image": None}, "spec.image: Required value"),
         (
             "demo",

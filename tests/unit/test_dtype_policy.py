@@ -66,7 +66,9 @@ def test_the_checkpoint_dtype_comes_from_config_then_the_weights(tmp_path: Path)
     assert checkpoint_dtype(tmp_path) == torch.bfloat16
     (tmp_path / "config.json").write_text("{}")
     assert checkpoint_dtype(tmp_path) == torch.float32  # nothing to go by: the safe choice
-    save_file({"model.embed_tokens.weight": torch.zeros(4, 2, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
+    save_file(
+        {"model.embed_tokens.weight": torch.zeros(4, 2, dtype=torch.bfloat16)}, tmp_path / "model.safetensors"
+    )
     assert checkpoint_dtype(tmp_path) == torch.bfloat16
 
 

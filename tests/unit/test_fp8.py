@@ -338,8 +338,11 @@ def test_quantize_fp8_usage_errors_exit_2(
     assert __import__("re").search(message, err), err
 
 
-def test_generate_fp8_weights_flag_rejects_other_values(capsys: pytest.CaptureFixture[str]) -> None:
-    code, err = _cli_exit(["generate", "--prompt-ids", "1,2", "--fp8-weights", "int4"], capsys)
+@pytest.mark.parametrize("command", [["generate", "--prompt-ids", "1,2"], ["serve"]])
+def test_fp8_weights_flag_rejects_other_values(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _cli_exit([*command, "--fp8-weights", "int4"], capsys)
     assert code == 2 and "--fp8-weights" in err
 
 

@@ -17,7 +17,7 @@ def test_defaults_round_trip() -> None:
 def test_full_config() -> None:
     cfg = ServeAppConfig.from_dict(
         {
-            "model": {"path": "/models/v2-lite", "dtype": "bfloat16"},
+            "model": {"path": "/models/v2-lite", "dtype": "bfloat16", "fp8_weights": "keep"},
             "replicas": 2,
             "attention_ranks": 2,
             "expert_ranks": 2,
@@ -33,7 +33,9 @@ def test_full_config() -> None:
         and cfg.engine.limits.max_stop_strings == 8
         and cfg.gpus_per_attention_rank == 1.0
         and cfg.placement == [[0, 1], [2, 3]]
+        and cfg.model.fp8_weights == "keep"
     )
+    assert ServeAppConfig.from_dict({}).model.fp8_weights == "dequantize"
 
 
 @pytest.mark.parametrize(
@@ -44,6 +46,7 @@ def test_full_config() -> None:
         ({"expert_ranks": 0}, "expert_ranks"),
         ({"replicas": "2"}, "replicas"),
         ({"model": {"dtype": "int8"}}, "model.dtype"),
+        ({"model": {"fp8_weights": "int4"}}, "model.fp8_weights"),
         ({"model": {"nonsense": 1}}, "model.nonsense"),
         ({"engine": {"block_size": 0}}, "engine.block_size"),
         ({"engine": {"kv_cache_tokens": 4, "block_size": 16}}, "engine.kv_cache_tokens"),

@@ -14,6 +14,20 @@ def _number(text: str, kind: type[int] | type[float]) -> int | float:
         raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
 
 
+FP8_WEIGHTS = ("dequantize", "keep")
+
+
+def add_fp8_weights_argument(parser: argparse.ArgumentParser) -> None:
+    """`--fp8-weights` of `generate` and `serve`."""
+    parser.add_argument(
+        "--fp8-weights",
+        choices=FP8_WEIGHTS,
+        default="dequantize",
+        help="an FP8 checkpoint's weights: dequantized to --dtype at load (default, faster on the CPU) "
+        "or kept fp8 and dequantized per block inside each matmul (half the memory); every rank alike",
+    )
+
+
 def non_negative_int(text: str) -> int:
     value = int(_number(text, int))
     if value < 0:

@@ -115,7 +115,13 @@ def generate(
         config = ModelConfig.from_file(path)
         explicit = tuple(tuple(r) for r in parse_map(args.expert_map)) if args.expert_map else None
         settings = EPSettings(
-            a, e, args.collective_timeout, dtype=dtype, placement=explicit, **balance_settings(args)
+            a,
+            e,
+            args.collective_timeout,
+            dtype=dtype,
+            placement=explicit,
+            fp8_weights=args.fp8_weights,
+            **balance_settings(args),
         )
         placement = settings.expert_placement(config)  # a bad map is rejected here, before any process starts
     except ConfigError as err:

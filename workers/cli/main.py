@@ -19,7 +19,7 @@ from moeserve.workers.cli import experts as experts_cli
 from moeserve.workers.cli import plan as plan_cli
 from moeserve.workers.cli import serve as serve_cli
 from moeserve.workers.cli import speculative as spec_cli
-from moeserve.workers.cli.args import non_negative_float, positive_int, token_ids
+from moeserve.workers.cli.args import add_fp8_weights_argument, non_negative_float, positive_int, token_ids
 from moeserve.workers.cli.dtype import resolve_dtype_or_exit
 from moeserve.workers.model.loader import EMBEDDED_MODEL_PATH
 
@@ -56,13 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=non_negative_float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help=DTYPE_HELP)
-    gen.add_argument(
-        "--fp8-weights",
-        choices=["dequantize", "keep"],
-        default="dequantize",
-        help="an FP8 checkpoint's weights: dequantized to --dtype at load (default, faster on the CPU) "
-        "or kept fp8 and dequantized per block inside each matmul (half the memory)",
-    )
+    add_fp8_weights_argument(gen)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     gen.add_argument(

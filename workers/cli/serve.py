@@ -19,6 +19,7 @@ from moeserve import contract, extras
 from moeserve.engine_settings import EngineSettings, RequestLimits
 from moeserve.workers.cli import expert_parallel as ep_cli
 from moeserve.workers.cli import speculative as spec_cli
+from moeserve.workers.cli.args import add_fp8_weights_argument
 
 DEFAULT_HTTP_PORT = 8000
 
@@ -68,6 +69,7 @@ def add_serve_parser(sub: argparse._SubParsersAction, dtypes: list[str], default
         default=None,
         help="jinja2 chat template file (default: chat_template of the model's tokenizer_config.json)",
     )
+    add_fp8_weights_argument(serve)
     serve.add_argument(
         "--dtype",
         choices=dtypes,
@@ -276,13 +278,14 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
             args.expert_ranks,
             collective_timeout_s=args.collective_timeout,
             dtype=dtypes[args.dtype],  # type: ignore[arg-type]
+            fp8_weights=args.fp8_weights,
             block_size=settings.block_size,
             **ep_cli.balance_settings(args),
         )
         ep_cli.check_placement(parser, ep, args.model)
         loader = ep_loader(args.model, dtypes[args.dtype], settings, ep)  # type: ignore[arg-type]
     else:
-        loader = local_loader(args.model, dtypes[args.dtype], settings)  # type: ignore[arg-type]
+        loader = local_loader(args.model, dtypes[args.dtype], settings, args.fp8_weights)  # type: ignore[arg-type]
     asyncio.run(serve(listen, loader, args.grace, announce))
     # Everything is closed. Skip the interpreter's teardown: winding down grpc's, torch's and the
     # tokenizer's thread pools can take seconds, and SIGTERM must end within --grace + 2 s.
@@ -301,7 +304,7 @@ def run_ray_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     http_port = 0 if http is None else (http.port or free_port(args.host))  # type: ignore[attr-defined]
     template = "" if args.chat_template is None else args.chat_template.read_text()
     cfg = ServeAppConfig(
-        model=ModelSpec(path=str(args.model), dtype=args.dtype),
+        model=ModelSpec(path=str(args.model), dtype=args.dtype, fp8_weights=args.fp8_weights),
         replicas=args.replicas,
         attention_ranks=args.attention_ranks,
         expert_ranks=args.expert_ranks or 1,

@@ -91,7 +91,9 @@ def run_rank(
     balance = settings.balance_settings(config)
     result = RankResult(rank, world.role)
     if world.role == "attention":
-        model = load_attention_side(model_path, settings.dtype, device=world.device)
+        model = load_attention_side(
+            model_path, settings.dtype, device=world.device, fp8_weights=settings.fp8_weights
+        )
         result.weight_bytes = _param_bytes(model.parameters())
         balancer = ExpertBalancer(world, placement, balance)  # its map carries over from run to run
         world.wait_for_all_ranks()
@@ -122,7 +124,9 @@ def run_rank(
             result.stats.append({**stats.as_dict(), **_balance_stats(balancer)})
     else:
         ids = placement.ranks[layout.expert_index(rank)]
-        experts = load_experts(model_path, ids, settings.dtype, device=world.device)
+        experts = load_experts(
+            model_path, ids, settings.dtype, device=world.device, fp8_weights=settings.fp8_weights
+        )
         result.weight_bytes = _param_bytes(p for e in experts.values() for p in e.parameters())
         balancer = ExpertBalancer(world, placement, balance, experts)  # rebalances replace experts' entries
         world.wait_for_all_ranks()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.fp8 import Fp8Weights
 from moeserve.workers.parallel.placement import ExpertPlacement, PlacementError
 from moeserve.workers.parallel.rebalance import BalanceSettings
 from moeserve.workers.parallel.world import Backend, WorldLayout
@@ -28,6 +29,8 @@ class EPSettings:
     """gloo (CPU tensors) or nccl (one GPU per rank)."""
     dtype: torch.dtype = torch.float32
     """Weights and activations; routing stays fp32."""
+    fp8_weights: Fp8Weights = "dequantize"
+    """An FP8 checkpoint's weights on every rank: dequantized at load, or kept fp8 (`model/fp8.py`)."""
     placement: tuple[tuple[int, ...], ...] | None = None
     """Explicit expert map (global expert ids per expert rank); None: `ExpertPlacement.for_model`."""
     block_size: int = 16

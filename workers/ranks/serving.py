@@ -80,7 +80,9 @@ class AttentionRank:
         observer: EngineObserver | None = None,
     ):
         config = ModelConfig.from_file(spec.model_path)
-        model = load_attention_side(spec.model_path, spec.ep.dtype, device=world.device)
+        model = load_attention_side(
+            spec.model_path, spec.ep.dtype, device=world.device, fp8_weights=spec.ep.fp8_weights
+        )
         placement = spec.ep.expert_placement(config)
         self.balancer = ExpertBalancer(world, placement, spec.ep.balance_settings(config))
         routed = AllToAllExecutor(world, placement, balancer=self.balancer)
@@ -184,7 +186,9 @@ def run_expert_rank(spec: ServingRankSpec, world: EPWorld, stop: threading.Event
     config = ModelConfig.from_file(spec.model_path)
     placement = spec.ep.expert_placement(config)
     ids = placement.ranks[world.layout.expert_index(world.rank)]
-    experts = load_experts(spec.model_path, ids, spec.ep.dtype, device=world.device)
+    experts = load_experts(
+        spec.model_path, ids, spec.ep.dtype, device=world.device, fp8_weights=spec.ep.fp8_weights
+    )
     weights = sum(p.numel() * p.element_size() for m in experts.values() for p in m.parameters())
     log.info(
         "%s: %d expert slots, %.1f MiB of expert weights; %s",

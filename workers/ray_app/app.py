@@ -80,6 +80,7 @@ def rank_spec(cfg: ServeAppConfig) -> ServingRankSpec:
         collective_timeout_s=cfg.collective_timeout_s,
         backend="nccl" if cfg.gpus_per_attention_rank > 0 else "gloo",
         dtype=getattr(torch, cfg.model.dtype),
+        fp8_weights=cfg.model.fp8_weights,
         placement=placement,
         block_size=engine.block_size,
         redundant_experts=cfg.redundant_experts,

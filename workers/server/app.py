@@ -52,13 +52,16 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 Loader = Callable[[ServingMetrics, Callable[[BaseException], None]], Backend]
 
 
-def local_loader(model_path: Path, dtype: torch.dtype, settings: EngineSettings) -> Loader:
-    """Load a checkpoint directory into a single-process engine (all experts local)."""
+def local_loader(
+    model_path: Path, dtype: torch.dtype, settings: EngineSettings, fp8_weights: str = "dequantize"
+) -> Loader:
+    """Load a checkpoint directory into a single-process engine (all experts local); `fp8_weights`:
+    how an FP8 checkpoint's weights are held (`model/fp8.py`: "dequantize" at load or "keep")."""
 
     def load(metrics: ServingMetrics, on_failure: Callable[[BaseException], None]) -> Backend:
         from moeserve.workers.model.loader import load_model
 
-        model = load_model(model_path, dtype)
+        model = load_model(model_path, dtype, fp8_weights=fp8_weights)  # type: ignore[arg-type]
         tokenizer = Tokenizer.from_model_dir(model_path)
         mtp = None
         if settings.speculative == "mtp":  # the draft layer beside the model
