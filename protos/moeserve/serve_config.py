@@ -16,6 +16,8 @@ from moeserve.engine_settings import EngineSettings, RequestLimits
 Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
 Fp8Weights = Literal["dequantize", "keep"]
+"""How an FP8 checkpoint's weights are held (`workers/model/fp8.py`): `dequantize`: to the model
+dtype at load; `keep`: fp8 in memory, dequantized inside each product."""
 FP8_WEIGHTS: tuple[str, ...] = ("dequantize", "keep")
 
 

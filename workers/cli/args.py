@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from moeserve.serve_config import FP8_WEIGHTS
+
 
 def _number(text: str, kind: type[int] | type[float]) -> int | float:
     try:
@@ -12,9 +14,6 @@ def _number(text: str, kind: type[int] | type[float]) -> int | float:
     except ValueError:
         noun = "an integer" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
-
-
-FP8_WEIGHTS = ("dequantize", "keep")
 
 
 def add_fp8_weights_argument(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,6 @@ Legend: T tokens, N output rows, K input columns, bn x bk the block.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +26,6 @@ from moeserve.workers.kernels.fp8_gemm import dequantize_blocks, fp8_block_linea
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 DEFAULT_BLOCK = (128, 128)
-Fp8Weights = Literal["keep", "dequantize"]
-"""`keep`: fp8 in memory, dequantized inside each product; `dequantize`: to the model dtype at load."""
 # CPU `linear` converts about this many weight bytes (in the compute dtype) per step: a slab that
 # stays in the core's L2 cache between its conversion and its product
 _SLAB_BYTES = 1 << 20

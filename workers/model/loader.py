@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from moeserve.serve_config import Fp8Weights
 from moeserve.workers.model import fp8
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.huge_pages import allocate_on_huge_pages
@@ -239,7 +240,7 @@ def _plan(reader: CheckpointReader, config: ModelConfig) -> dict[str, Target]:
     return plan
 
 
-def _keeps_fp8(reader: CheckpointReader, config: ModelConfig, fp8_weights: fp8.Fp8Weights) -> bool:
+def _keeps_fp8(reader: CheckpointReader, config: ModelConfig, fp8_weights: Fp8Weights) -> bool:
     if fp8_weights not in ("keep", "dequantize"):
         raise ValueError(f"fp8_weights must be 'keep' or 'dequantize', got {fp8_weights!r}")
     return fp8_weights == "keep" and config.quantization is not None
@@ -292,7 +293,7 @@ def load_attention_side(
     reader: CheckpointReader | None = None,
     max_positions: int | None = None,
     device: str | torch.device = "cpu",
-    fp8_weights: fp8.Fp8Weights = "dequantize",
+    fp8_weights: Fp8Weights = "dequantize",
 ) -> Transformer:
     """Everything but the routed experts, as an attention rank holds it."""
     return _load_transformer(path, dtype, False, reader, max_positions, device, fp8_weights)
@@ -304,7 +305,7 @@ def load_model(
     reader: CheckpointReader | None = None,
     max_positions: int | None = None,
     device: str | torch.device = "cpu",
-    fp8_weights: fp8.Fp8Weights = "dequantize",
+    fp8_weights: Fp8Weights = "dequantize",
 ) -> Transformer:
     """The whole model in one process: attention side plus every routed expert. `dtype` is the
     activations' (and non-fp8 weights') dtype; `fp8_weights` how an fp8 checkpoint's weights are held."""
@@ -317,7 +318,7 @@ def load_experts(
     dtype: torch.dtype = torch.float32,
     reader: CheckpointReader | None = None,
     device: str | torch.device = "cpu",
-    fp8_weights: fp8.Fp8Weights = "dequantize",
+    fp8_weights: Fp8Weights = "dequantize",
 ) -> dict[int, RoutedExperts]:
     """The given routed experts of every MoE layer, as an expert rank holds them."""
     config = ModelConfig.from_file(path)
@@ -346,7 +347,7 @@ def _load_transformer(
     reader: CheckpointReader | None,
     max_positions: int | None,
     device: str | torch.device,
-    fp8_weights: fp8.Fp8Weights,
+    fp8_weights: Fp8Weights,
 ) -> Transformer:
     config = ModelConfig.from_file(path)
     reader = reader or CheckpointReader(path)
@@ -406,7 +407,7 @@ def _is_routed_param(name: str) -> bool:
 
 
 def _routed_fp8_block(
-    reader: CheckpointReader, config: ModelConfig, plan: dict[str, Target], fp8_weights: fp8.Fp8Weights
+    reader: CheckpointReader, config: ModelConfig, plan: dict[str, Target], fp8_weights: Fp8Weights
 ) -> tuple[int, int] | None:
     """The block of fp8 routed experts that are kept fp8; None when they are held in the model dtype."""
     if not _keeps_fp8(reader, config, fp8_weights) or not _routed_experts_fp8(reader, plan):

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.serve_config import Fp8Weights
 from moeserve.workers.model.config import ModelConfig
-from moeserve.workers.model.fp8 import Fp8Weights
 from moeserve.workers.parallel.placement import ExpertPlacement, PlacementError
 from moeserve.workers.parallel.rebalance import BalanceSettings
 from moeserve.workers.parallel.world import Backend, WorldLayout

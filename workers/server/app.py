@@ -26,6 +26,7 @@ from prometheus_client import start_http_server
 
 from moeserve import contract
 from moeserve.engine_settings import EngineSettings
+from moeserve.serve_config import Fp8Weights
 from moeserve.v1 import inference_pb2_grpc as pb_grpc
 from moeserve.workers.engine.core import Engine
 from moeserve.workers.engine.loop import EngineLoop
@@ -53,7 +54,7 @@ Loader = Callable[[ServingMetrics, Callable[[BaseException], None]], Backend]
 
 
 def local_loader(
-    model_path: Path, dtype: torch.dtype, settings: EngineSettings, fp8_weights: str = "dequantize"
+    model_path: Path, dtype: torch.dtype, settings: EngineSettings, fp8_weights: Fp8Weights = "dequantize"
 ) -> Loader:
     """Load a checkpoint directory into a single-process engine (all experts local); `fp8_weights`:
     how an FP8 checkpoint's weights are held (`model/fp8.py`: "dequantize" at load or "keep")."""
@@ -61,7 +62,7 @@ def local_loader(
     def load(metrics: ServingMetrics, on_failure: Callable[[BaseException], None]) -> Backend:
         from moeserve.workers.model.loader import load_model
 
-        model = load_model(model_path, dtype, fp8_weights=fp8_weights)  # type: ignore[arg-type]
+        model = load_model(model_path, dtype, fp8_weights=fp8_weights)
         tokenizer = Tokenizer.from_model_dir(model_path)
         mtp = None
         if settings.speculative == "mtp":  # the draft layer beside the model
