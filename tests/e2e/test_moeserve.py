@@ -228,8 +228,15 @@ def service(
         file.chmod(0o644)
     reference = _token_ids(
         _moeserve(
-            "generate", "--model", str(model_dir), *_prompt_args(), "--max-tokens", str(MAX_TOKENS), "--json",
-            "--dtype", "float32",  # what the pods compute in (spec.model.dtype)
+            "generate",
+            "--model",
+            str(model_dir),
+            *_prompt_args(),
+            "--max-tokens",
+            str(MAX_TOKENS),
+            "--json",
+            "--dtype",
+            "float32",  # what the pods compute in (spec.model.dtype)
         )
     )
     assert len(reference) == len(PROMPTS) and all(len(t) == MAX_TOKENS for t in reference)

@@ -44,7 +44,10 @@ def test_generate_with_mtp_gives_the_same_tokens() -> None:
         ),
         (("--num-speculative-tokens", "2"), "--num-speculative-tokens needs --speculative mtp"),
         (("--speculative", "eagle"), "--speculative: invalid choice"),
-        (("--speculative", "mtp", "--expert-ranks", "1"), "--speculative: not yet with --expert-ranks"),
+        (
+            ("--speculative", "mtp", "--expert-ranks", "1"),
+            "with expert ranks use `moeserve serve --expert-ranks N",
+        ),
     ],
 )
 def test_bad_speculative_arguments_exit_2(args: tuple[str, ...], message: str) -> None:

@@ -25,6 +25,7 @@ from moeserve.operator.builders import GPU_RESOURCE, Owner
 from moeserve.operator.spec import (
     ENGINE_FIELDS,
     PREFIX_CACHING_FIELD,
+    SPECULATIVE_FIELDS,
     MoEServiceSpec,
     SpecError,
     serve_app_config,
@@ -609,6 +610,7 @@ def test_crd_defaults_equal_the_spec_readers_and_serve_app_configs() -> None:
     assert defaulted["serving"]["engine"] == {
         **{crd_name: getattr(EngineSettings(), f) for crd_name, f in ENGINE_FIELDS.items()},
         PREFIX_CACHING_FIELD: EngineSettings().prefix_caching,
+        "numSpeculativeTokens": EngineSettings().num_speculative_tokens,
     }
     assert MoEServiceSpec.from_dict(defaulted) == MoEServiceSpec.from_dict(minimal)
     from_crd = serve_app_config(MoEServiceSpec.from_dict(defaulted)).to_dict()
@@ -620,13 +622,26 @@ def test_crd_defaults_equal_the_spec_readers_and_serve_app_configs() -> None:
 
 def test_crd_engine_fields_are_exactly_the_engine_limits() -> None:
     engine = _schema()["properties"]["spec"]["properties"]["serving"]["properties"]["engine"]
-    assert set(engine["properties"]) == {*ENGINE_FIELDS, PREFIX_CACHING_FIELD}
+    assert set(engine["properties"]) == {*ENGINE_FIELDS, PREFIX_CACHING_FIELD, *SPECULATIVE_FIELDS}
     assert engine["properties"][PREFIX_CACHING_FIELD]["default"] is EngineSettings().prefix_caching
+    assert engine["properties"]["speculative"]["enum"] == ["mtp"]
     # every EngineSettings field has a CRD home: max_model_len is spec.model.maxModelLen; the request
-    # size limits keep their defaults on clusters (no CRD field yet), and MTP speculation is refused
-    # with expert ranks (so under Ray) for now
-    others = {"max_model_len", "limits", "prefix_caching", "speculative", "num_speculative_tokens"}
+    # size limits keep their defaults on clusters (no CRD field yet)
+    others = {"max_model_len", "limits", "prefix_caching", *SPECULATIVE_FIELDS.values()}
     assert sorted(ENGINE_FIELDS.values()) == sorted(set(EngineSettings().__dataclass_fields__) - others)
+
+
+def test_mtp_speculation_travels_from_the_spec_to_the_serve_config() -> None:
+    def config(engine: dict[str, Any]) -> ServeAppConfig:
+        return serve_app_config(spec_of(serving={"engine": engine}))
+
+    assert (config({}).engine.speculative, config({}).engine.num_speculative_tokens) == (None, 1)
+    on = config({"speculative": "mtp", "numSpeculativeTokens": 3}).engine
+    assert (on.speculative, on.num_speculative_tokens) == ("mtp", 3)
+    with pytest.raises(SpecError, match=r"^spec.serving.engine.speculative: must be one of mtp, got 'eagle'"):
+        config({"speculative": "eagle"})
+    with pytest.raises(SpecError, match=r"^spec.serving.engine.numSpeculativeTokens: must be in \[1, 3\]"):
+        config({"speculative": "mtp", "numSpeculativeTokens": 4})
 
 
 def test_prefix_caching_travels_from_the_spec_to_the_serve_config() -> None:

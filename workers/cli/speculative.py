@@ -38,10 +38,11 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, model_path:
     k = 1 if k is None else k
     if not 1 <= k <= MAX_TOKENS:
         parser.error(f"--num-speculative-tokens: must be in [1, {MAX_TOKENS}], got {k}")
-    if getattr(args, "expert_ranks", 0):
-        parser.error("--speculative: not yet with --expert-ranks (single-process engine only)")
-    if getattr(args, "ray", False):
-        parser.error("--speculative: not yet with --ray")
+    if args.command == "generate" and args.expert_ranks:  # offline EP decoding has no engine to draft in
+        parser.error(
+            "--speculative: `generate` drafts in one process; with expert ranks use "
+            "`moeserve serve --expert-ranks N --speculative mtp`"
+        )
     from moeserve.workers.model.config import ConfigError, ModelConfig
 
     try:

@@ -52,6 +52,8 @@ class EngineEvents:
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> requests
     prompt_tokens: int = 0
     preemptions: int = 0
+    spec_draft: dict[int, int] = field(default_factory=dict)  # draft position -> drafts verified
+    spec_accepted: dict[int, int] = field(default_factory=dict)  # draft position -> drafts accepted
 
 
 @dataclass(frozen=True)
@@ -98,3 +100,10 @@ class EventRecorder(EngineObserver):
         with self._lock:
             self._events.finished[reason] = self._events.finished.get(reason, 0) + 1
             self._events.prompt_tokens += len(request.prompt_ids)
+
+    def on_speculation(self, proposed: int, accepted: int) -> None:
+        with self._lock:
+            for position in range(proposed):
+                draft, kept = self._events.spec_draft, self._events.spec_accepted
+                draft[position] = draft.get(position, 0) + 1
+                kept[position] = kept.get(position, 0) + int(position < accepted)

@@ -27,6 +27,9 @@ class ShapeRunner:
         self.allocator = BlockAllocator(settings.num_blocks)
         self.vocab_size = config.vocab_size
         self.max_positions = config.max_position_embeddings
+        # the ranks draft with the checkpoint's MTP layer (`--speculative mtp`): the twin's limits
+        # then leave the same room for draft slots as theirs
+        self.has_mtp = config.num_nextn_predict_layers > 0
 
     def step(self, steps: list[Any]) -> torch.Tensor:
         raise RuntimeError("the front end's engine twin never steps")

@@ -146,12 +146,7 @@ def load_mtp(
             continue  # an fp8 weight's block scales: read (and checked) with the weight
         e = _EXPERT.match(rest)
         if e and e.group(2) in EXPERT_NAMES:
-            if experts is not None:
-                base, part = split_part(EXPERT_NAMES[e.group(2)])
-                local = experts.expert_ids.index(int(e.group(1)))
-                store(getattr(experts, base)[local], None, part, reader.read_weight(name, config), name)
-                filled.add(f"expert {e.group(1)} {EXPERT_NAMES[e.group(2)]}")
-            continue
+            continue  # routed experts: `_fill_experts`, here or on the expert ranks
         if rest not in table:
             raise CheckpointError(f"unexpected tensor {name!r} in the MTP layer")
         base, part = split_part(table[rest])
@@ -166,12 +161,7 @@ def load_mtp(
             getattr(mtp, module_name).weight = main[theirs]  # one tensor, not a copy
             filled.add(ours)
     if experts is not None:
-        for expert in experts.expert_ids:
-            for stacked in EXPERT_NAMES.values():
-                if f"expert {expert} {stacked}" not in filled:
-                    raise CheckpointError(
-                        f"checkpoint is missing routed expert {expert} ({stacked}) of MTP layer {mtp.layer}"
-                    )
+        _fill_experts(reader, config, experts)
     complete = {
         p for p in params if p in filled or {f"{p}[0/2]", f"{p}[1/2]"} <= filled or ".ffn.experts." in p
     }
@@ -180,6 +170,51 @@ def load_mtp(
         raise CheckpointError(f"checkpoint is missing MTP tensor(s) for: {', '.join(missing[:10])}")
     mtp.block.attn.fuse_input_projections()
     return mtp.eval()
+
+
+def load_mtp_experts(
+    path: str | Path,
+    expert_ids: list[int],
+    dtype: torch.dtype = torch.float32,
+    reader: CheckpointReader | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[int, RoutedExperts]:
+    """The given routed experts of the MTP layer, as an expert rank holds them beside `load_experts`'
+    ({num_hidden_layers: experts}; empty when the layer is dense). fp8 weights are dequantized to
+    `dtype`, as `load_mtp` does."""
+    config = ModelConfig.from_file(path)
+    layer = config.num_hidden_layers
+    if not has_mtp(config):
+        raise CheckpointError("the checkpoint has no MTP layer (config num_nextn_predict_layers is 0)")
+    if not config.is_moe_layer(layer):
+        return {}
+    ids = sorted(set(expert_ids))
+    experts = RoutedExperts(config.hidden_size, config.moe_intermediate_size, ids, dtype=dtype).to(device)
+    _fill_experts(reader or CheckpointReader(path), config, experts)
+    return {layer: experts.eval()}
+
+
+def _fill_experts(reader: CheckpointReader, config: ModelConfig, experts: RoutedExperts) -> None:
+    """Read the MTP layer's routed experts `experts.expert_ids`; a missing one is named."""
+    layer = config.num_hidden_layers
+    prefix = f"model.layers.{layer}."
+    local = {expert: i for i, expert in enumerate(experts.expert_ids)}
+    filled: set[tuple[int, str]] = set()
+    for name in reader.names:
+        e = _EXPERT.match(name.removeprefix(prefix)) if name.startswith(prefix) else None
+        if e is None or e.group(2) not in EXPERT_NAMES or int(e.group(1)) not in local:
+            continue
+        stacked = EXPERT_NAMES[e.group(2)]
+        base, part = split_part(stacked)
+        expert = int(e.group(1))
+        store(getattr(experts, base)[local[expert]], None, part, reader.read_weight(name, config), name)
+        filled.add((expert, stacked))
+    for expert in experts.expert_ids:
+        for stacked in EXPERT_NAMES.values():
+            if (expert, stacked) not in filled:
+                raise CheckpointError(
+                    f"checkpoint is missing routed expert {expert} ({stacked}) of MTP layer {layer}"
+                )
 
 
 def mtp_state_dict(mtp: MTPLayer) -> dict[str, torch.Tensor]:

@@ -171,6 +171,45 @@ class AllToAllExecutor:
         return PendingCombine(self, layer, token, out, works, t, [xs, local, w, send, recv, combine_send])
 
 
+class LockstepPasses:
+    """An attention rank's routed executor that keeps each step's MoE calls in the order every rank
+    of the world follows: `order` lists the layer of each call in a step (each MoE layer once, then
+    the MTP layer K times with `--speculative mtp`: the expert ranks serve it that often every
+    step, whatever there is to draft). `finish_step` joins the calls this rank's step did not make
+    (an MTP pass with nothing to draft) with empty dispatches; a call out of order raises instead of
+    leaving the world waiting on mismatched collectives."""
+
+    def __init__(self, inner: AllToAllExecutor, order: list[int], hidden_size: int, top_k: int):
+        self.inner = inner
+        self.order = list(order)
+        self.hidden_size = hidden_size
+        self.top_k = top_k
+        self.dtype: torch.dtype = torch.float32  # activations' dtype, from the last real call
+        self._next = 0
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.start(layer, x, ids, weights).wait()
+
+    def start(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> PendingCombine:
+        if self._next >= len(self.order) or self.order[self._next] != layer:
+            expected = self.order[self._next] if self._next < len(self.order) else "none (step complete)"
+            raise RuntimeError(f"MoE layer {layer} called out of the lockstep order: expected {expected}")
+        self._next += 1
+        self.dtype = x.dtype
+        return self.inner.start(layer, x, ids, weights)
+
+    def finish_step(self) -> None:
+        """Make the rest of this step's calls with no tokens; call once after every step."""
+        dev = self.inner.world.device
+        while self._next < len(self.order):
+            layer = self.order[self._next]
+            self._next += 1
+            x = torch.empty(0, self.hidden_size, dtype=self.dtype, device=dev)
+            ids = torch.empty(0, self.top_k, dtype=torch.long, device=dev)
+            self.inner(layer, x, ids, torch.empty(0, self.top_k, device=dev))
+        self._next = 0
+
+
 class ExpertServer:
     """The serving loop of an expert rank: answer every dispatch of every step until told to stop."""
 
@@ -181,10 +220,14 @@ class ExpertServer:
         top_k: int,
         stats: DispatchStats | None = None,
         balancer: ExpertBalancer | None = None,
+        passes: dict[int, int] | None = None,
     ):
+        """`passes[layer]`: dispatches of that layer every step, whatever the micro-batches (the
+        MTP layer's K with `--speculative mtp`, see `LockstepPasses`)."""
         self.world = world
         self.top_k = top_k
         self.experts_by_layer = experts_by_layer  # a rebalance replaces its entries between steps
+        self.passes = dict(passes or {})
         self.stats = stats
         if balancer is not None:
             if balancer.experts is not experts_by_layer:
@@ -215,7 +258,7 @@ class ExpertServer:
             if on_step is not None:
                 on_step(steps)
             for layer in sorted(self.experts_by_layer):
-                for _ in range(max(1, agreed.micro_batches)):
+                for _ in range(self.passes.get(layer, max(1, agreed.micro_batches))):
                     self.serve_layer(layer)
             self._drain()
             steps += 1

@@ -61,8 +61,17 @@ class EPSettings:
             )
         return ExpertPlacement.for_model(config, self.expert_ranks, self.placement, self.redundant_experts)
 
-    def balance_settings(self, config: ModelConfig) -> BalanceSettings:
+    def balance_settings(self, config: ModelConfig, with_mtp: bool = False) -> BalanceSettings:
+        """`with_mtp`: the MTP draft layer's MoE is served too (`--speculative mtp`), and balanced."""
         groups = config.n_group if config.topk_method != "greedy" else 1
-        return BalanceSettings(
-            self.rebalance_interval, self.rebalance_min_gain, groups, self.expert_nodes, config.moe_layers
-        )
+        layers = served_moe_layers(config, with_mtp)
+        interval, gain = self.rebalance_interval, self.rebalance_min_gain
+        return BalanceSettings(interval, gain, groups, self.expert_nodes, layers)
+
+
+def served_moe_layers(config: ModelConfig, with_mtp: bool) -> list[int]:
+    """The MoE layers whose routed experts the expert ranks serve: the model's, then the MTP layer's
+    (index num_hidden_layers) when it drafts and is a MoE layer."""
+    mtp = config.num_hidden_layers
+    extra = [mtp] if with_mtp and config.num_nextn_predict_layers > 0 and config.is_moe_layer(mtp) else []
+    return list(config.moe_layers) + extra

@@ -35,10 +35,14 @@ class LockstepLoop(EngineLoop):
         world: EPWorld,
         on_failure: Callable[[BaseException], None] | None = None,
         idle_s: float = IDLE_S,
+        after_step: Callable[[], None] | None = None,
     ):
+        """`after_step` runs once each step's model work is done, before the next step's control
+        (the routed executor's `LockstepPasses.finish_step`)."""
         super().__init__(engine, on_failure)
         self.world = world
         self.idle_s = idle_s
+        self.after_step = after_step
         self.steps = 0  # steps this rank took part in, empty ones included
 
     def _run(self) -> None:
@@ -67,6 +71,8 @@ class LockstepLoop(EngineLoop):
                     engine.execute(plan)
                 else:  # nothing of ours to run: join the step's collectives with an empty batch
                     engine.runner.step([])
+                if self.after_step is not None:
+                    self.after_step()
         except BaseException as e:  # noqa: BLE001 - every failure must reach the requests and the health check
             log.exception("%s: lockstep step failed", self.world.name)
             self._fail(e)

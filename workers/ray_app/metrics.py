@@ -42,6 +42,10 @@ class RankMetrics:
         )
         self._prefix_reported = (0, 0)  # (queried, hit) totals already counted
         self.expert_tokens = Counter(f"{P}expert_tokens", HELP["expert_tokens"], (*TAGS, "layer", "expert"))
+        self.spec_draft, self.spec_accepted = (
+            Counter(f"{P}{name}", HELP[name], (*TAGS, "position"))
+            for name in ("spec_draft_tokens", "spec_accepted_tokens")
+        )
         self._experts_reported: dict[int, list[int]] = {}
 
     def record(self, events: EngineEvents, now: RankGauges) -> None:
@@ -59,6 +63,10 @@ class RankMetrics:
             self.prompt_tokens.inc(events.prompt_tokens, tags)
         if events.preemptions:
             self.preemptions.inc(events.preemptions, tags)
+        for position, n in events.spec_draft.items():  # a counter that only counted 0 is not exported
+            self.spec_draft.inc(n, {**tags, "position": str(position)})
+            if events.spec_accepted.get(position):
+                self.spec_accepted.inc(events.spec_accepted[position], {**tags, "position": str(position)})
         self.running.set(now.running, tags)
         self.waiting.set(now.waiting, tags)
         self.kv_used.set(now.kv_blocks_used, tags)

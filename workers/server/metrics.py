@@ -141,6 +141,9 @@ class ServingMetrics(EngineObserver):
             self.prompt_tokens.inc(events.prompt_tokens)
         if events.preemptions:
             self.preemptions.inc(events.preemptions)
+        for position, n in events.spec_draft.items():
+            self.spec_draft.labels(str(position)).inc(n)
+            self.spec_accepted.labels(str(position)).inc(events.spec_accepted.get(position, 0))
 
     # EngineObserver
     def on_step(self, engine: Engine, num_tokens: int, num_preempted: int) -> None:
