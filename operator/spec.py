@@ -37,6 +37,11 @@ ENGINE_FIELDS: dict[str, str] = {
 }
 """Integer engine limits: CRD name under spec.serving.engine -> EngineSettings field."""
 PREFIX_CACHING_FIELD = "prefixCaching"  # spec.serving.engine.prefixCaching -> prefix_caching (bool)
+# spec.serving.engine.speculative ("mtp" or absent) and numSpeculativeTokens (1-3): MTP drafting
+SPECULATIVE_FIELDS: dict[str, str] = {
+    "speculative": "speculative",
+    "numSpeculativeTokens": "num_speculative_tokens",
+}
 
 
 class SpecError(ValueError):
@@ -81,6 +86,10 @@ class RankGroup:
     """Experts only: routed expert ids per expert rank; None = contiguous."""
     redundant: int = 0
     """Experts only: expert slots beyond one per routed expert (`--redundant-experts`)."""
+    rebalance_interval: int = ServeAppConfig.rebalance_interval
+    """Experts only: steps between EPLB rebalance checks (`--rebalance-interval`); 0 = on request."""
+    rebalance_min_gain: float = ServeAppConfig.rebalance_min_gain
+    """Experts only: least relative drop of predicted max/mean rank load for a new map."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,18 @@ class MoEServiceSpec:
             experts=replace(
                 _rank_group(experts, "spec.experts", ServeAppConfig.expert_ranks, placement),
                 redundant=_value(experts, "redundant", int, "spec.experts", RankGroup.redundant),
+                rebalance_interval=_value(
+                    experts, "rebalanceInterval", int, "spec.experts", RankGroup.rebalance_interval
+                ),
+                rebalance_min_gain=float(
+                    _value(
+                        experts,
+                        "rebalanceMinGain",
+                        (int, float),
+                        "spec.experts",
+                        RankGroup.rebalance_min_gain,
+                    )
+                ),
             ),
             serving=Serving(
                 grpc_port=_value(serving, "grpcPort", int, "spec.serving", Serving.grpc_port),
@@ -203,11 +224,17 @@ def _engine_settings(engine: Mapping[str, Any]) -> EngineSettings:
         for crd, py in ENGINE_FIELDS.items()
     }
     values["prefix_caching"] = _flag(engine, PREFIX_CACHING_FIELD, "spec.serving.engine", True)
+    if engine.get("speculative") is not None:
+        values["speculative"] = _choice(engine, "speculative", ("mtp",), "spec.serving.engine", "mtp")
+    values["num_speculative_tokens"] = _value(
+        engine, "numSpeculativeTokens", int, "spec.serving.engine", EngineSettings.num_speculative_tokens
+    )
     try:
         return EngineSettings(**values)
     except ValueError as e:  # the message starts with the EngineSettings field
         field_name, _, problem = str(e).partition(": ")
-        crd = {py: crd for crd, py in ENGINE_FIELDS.items()}.get(field_name, field_name)
+        names = {**ENGINE_FIELDS, **SPECULATIVE_FIELDS}
+        crd = {py: crd for crd, py in names.items()}.get(field_name, field_name)
         raise SpecError(f"spec.serving.engine.{crd}: {problem}") from None
 
 
@@ -225,6 +252,8 @@ def serve_app_config(spec: MoEServiceSpec, replicas: int | None = None) -> Serve
         "expert_ranks": spec.experts.ranks,
         "placement": None if placement is None else [list(rank) for rank in placement],
         "redundant_experts": spec.experts.redundant,
+        "rebalance_interval": spec.experts.rebalance_interval,
+        "rebalance_min_gain": spec.experts.rebalance_min_gain,
         "gpus_per_attention_rank": float(spec.attention.gpus_per_rank),
         "gpus_per_expert_rank": float(spec.experts.gpus_per_rank) if spec.experts.ranks else 0.0,
         "collective_timeout_s": spec.serving.collective_timeout_s,
@@ -232,6 +261,7 @@ def serve_app_config(spec: MoEServiceSpec, replicas: int | None = None) -> Serve
             **{f: getattr(spec.serving.engine, f) for f in ENGINE_FIELDS.values()},
             "prefix_caching": spec.serving.engine.prefix_caching,
             "max_model_len": spec.model.max_model_len,
+            **{f: getattr(spec.serving.engine, f) for f in SPECULATIVE_FIELDS.values()},
         },
         "ports": {
             "grpc": spec.serving.grpc_port,

@@ -70,6 +70,12 @@ class ServeAppConfig:
     """Routed expert ids hosted by each expert rank; None = contiguous (group-aligned)."""
     redundant_experts: int = 0
     """Expert slots beyond one per routed expert over the expert ranks (hot experts get replicas)."""
+    rebalance_interval: int = 0
+    """Steps between EPLB rebalance checks on every instance (0: only on request, `POST
+    /admin/experts/rebalance`)."""
+    rebalance_min_gain: float = 0.05
+    """Least relative drop of a MoE layer's predicted max/mean expert-rank load for a new map to be
+    taken (0: any gain)."""
     gpus_per_attention_rank: float = 0.0
     """GPUs a Ray actor of an attention rank asks for (0 on CPU clusters)."""
     gpus_per_expert_rank: float = 0.0
@@ -106,6 +112,8 @@ class ServeAppConfig:
         _check(self.gpus_per_expert_rank >= 0, "gpus_per_expert_rank", "must be >= 0")
         _check(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0")
         _check(self.redundant_experts >= 0, "redundant_experts", "must be >= 0")
+        _check(self.rebalance_interval >= 0, "rebalance_interval", "must be >= 0 steps (0: only on request)")
+        _check(0 <= self.rebalance_min_gain < 1, "rebalance_min_gain", "must be in [0, 1)")
         _check(isinstance(self.engine, EngineSettings), "engine", "expected engine settings")
         for name in ("grpc", "metrics"):
             port = getattr(self.ports, name)

@@ -24,17 +24,20 @@ import ray
 import torch
 from conftest import MAIN_SETTINGS
 from ray import serve
-from serving_support import drain_in_background
+from serving_support import drain_in_background, wait_until
 
 from moeserve import contract
 from moeserve.serve_config import ServeConfigError
 from moeserve.v1 import inference_pb2 as pb
+from moeserve.workers.cli.main import default_model_path
 from moeserve.workers.client import InferenceClient, build_request
 from moeserve.workers.server.app import BackgroundServer, local_loader
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 10.0
+METRICS_WAIT_S = 90.0  # Ray's metrics agent exports what the actors report every few seconds
 SERVED_NAME = "tiny-serve"
+REBALANCE_INTERVAL = 4  # steps: every instance checks its expert balance while the tests run
 # A DeepSeek-V2-style chat template, given as the app's override (`openai.chat_template`).
 TEMPLATE = (
     "{% for message in messages %}"
@@ -52,6 +55,7 @@ def app_config(path: Path, **changes: Any) -> dict[str, Any]:
         "attention_ranks": 1,
         "expert_ranks": 2,
         "collective_timeout_s": TIMEOUT_S,
+        "rebalance_interval": REBALANCE_INTERVAL,
         "engine": {
             "max_num_batched_tokens": MAIN_SETTINGS.max_num_batched_tokens,
             "kv_cache_tokens": MAIN_SETTINGS.kv_cache_tokens,
@@ -141,20 +145,21 @@ def rank_actors(role: str) -> dict[str, Any]:
     return found
 
 
-def test_serve_cli_with_ray_serves_then_stops_cleanly_on_sigterm(serving_checkpoint: Path) -> None:
-    """Runs first, before the module's cluster exists: it starts and stops a Ray of its own."""
+def test_serve_cli_with_ray_and_mtp_drafts_serves_then_stops_cleanly_on_sigterm() -> None:
+    """Runs first, before the module's cluster exists: it starts and stops a Ray of its own. The
+    embedded model drafts with its MTP layer (`--speculative mtp`), whose experts live on the expert
+    rank actors: greedy tokens equal the single-process server's without drafts."""
+    model = default_model_path()
+    prompt = "import os\nimport sys\n\n\ndef main():\n    "
+    greedy = build_request(prompt, None, max_tokens=24, temperature=0.0)
+    with BackgroundServer(local_loader(model, torch.float32, MAIN_SETTINGS)) as plain:
+        with InferenceClient(plain.address) as client:
+            reference = list(client.generate(greedy).token_ids)
     port, metrics_port = free_port(), free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "moeserve.workers.cli.main",
-        "serve",
-        "--ray",
-        "--model",
-        str(serving_checkpoint),
-    ]
-    cmd += ["--expert-ranks", "2", "--port", str(port), "--max-model-len", "256"]
+    cmd = [sys.executable, "-m", "moeserve.workers.cli.main", "serve", "--ray", "--model", str(model)]
+    cmd += ["--expert-ranks", "2", "--port", str(port), "--max-model-len", "256", "--dtype", "float32"]
     cmd += ["--metrics-port", str(metrics_port), "--http-port", "0"]
+    cmd += ["--speculative", "mtp", "--num-speculative-tokens", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
@@ -169,7 +174,12 @@ def test_serve_cli_with_ray_serves_then_stops_cleanly_on_sigterm(serving_checkpo
         with InferenceClient(f"127.0.0.1:{port}") as client:
             done = client.generate(build_request(None, [3, 4, 5], max_tokens=4, temperature=0.0))
             assert done.completion_tokens == 4
+            assert list(client.generate(greedy).token_ids) == reference
             assert any(k.startswith("ray_") for k in scrape(metrics_port, "ray_"))  # Ray's metrics agent
+            # the ranks' draft counters reach Ray's metrics agent (reported every few seconds)
+            drafted = "ray_moeserve_spec_draft_tokens_total/"
+            wait_until(lambda: scrape(metrics_port).get(drafted, 0) > 0, METRICS_WAIT_S)
+            assert scrape(metrics_port).get("ray_moeserve_spec_accepted_tokens_total/", 0) > 0
             ray_processes = psutil.Process(proc.pid).children(recursive=True)  # raylet, GCS, workers
             assert ray_processes
             call = client.stream(build_request(None, list(range(2, 30)), max_tokens=220, ignore_eos=True))
@@ -413,6 +423,44 @@ def test_health_through_serve(address: str) -> None:
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_rebalancing_runs_on_every_instance_and_the_admin_routes_reach_them_all(
+    address: str, http_port: int, reference: list[tuple]
+) -> None:
+    """`rebalance_interval` reaches the ranks (their balancers say it, and checks ran from the
+    traffic alone); POST /admin/experts/rebalance runs one more check on each of the two instances;
+    outputs stay the single-process server's."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    base = f"http://127.0.0.1:{http_port}/admin/experts"
+
+    def expert_map() -> list[dict[str, Any]]:
+        """Every ready instance's answer; none while the ingress sees no ready instance (503)."""
+        try:
+            with urllib.request.urlopen(base + "/map", timeout=120) as r:
+                return json.loads(r.read())["instances"]  # type: ignore[no-any-return]
+        except urllib.error.HTTPError as e:
+            assert e.code == 503, e.read()
+            return []
+
+    wait_until(lambda: len(expert_map()) == 2, timeout=60)  # both instances ready and reported
+    assert outputs(address, requests() * 2) == reference * 2
+    # nobody asked yet: the interval's checks (one runs at the first control after 4 steps)
+    wait_until(lambda: sum(i["checks"] for i in expert_map()) >= 1, timeout=60)
+    instances = expert_map()
+    assert {i["interval"] for i in instances} == {REBALANCE_INTERVAL}
+    assert all("error" not in i and i["layers"] for i in instances), instances
+
+    status, answer = post(base + "/rebalance", {"timeout_s": 90})  # answered before post's 120 s
+    assert status == 200, answer
+    before = {i["instance"]: i["checks"] for i in instances}
+    after = {i["instance"]: i["checks"] for i in answer["instances"]}
+    assert after.keys() == before.keys() and all(after[k] > before[k] for k in after), answer
+    assert all(isinstance(i["changed"], bool) for i in answer["instances"])
+    assert outputs(address, requests()) == reference
+
+
 def test_bad_input_is_invalid_argument(address: str) -> None:
     with InferenceClient(address) as client, pytest.raises(grpc.RpcError) as info:
         client.generate(build_request(None, [5], max_tokens=2, top_p=1.5))
@@ -590,6 +638,7 @@ def test_a_killed_attention_actor_rebuilds_its_instance(address: str, reference:
         ({"engine": {"block_size": 0}}, "engine.block_size"),
         ({"expert_ranks": 2, "placement": [[0, 1], [1]]}, "placement"),
         ({"colective_timeout_s": 3}, "colective_timeout_s"),
+        ({"engine": {"speculative": "mtp"}}, "engine.speculative"),  # this checkpoint has no MTP layer
     ],
 )
 def test_an_invalid_config_is_rejected_naming_the_field(

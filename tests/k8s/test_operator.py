@@ -239,6 +239,26 @@ def test_chart_installs_the_crd_and_an_operator_with_least_privilege(
         ),
         ("demo", {"model": {"dtype": "int8"}}, 'spec.model.dtype: Unsupported value: "int8"'),
         ("demo", {"model": {"fp8Weights": "int4"}}, 'spec.model.fp8Weights: Unsupported value: "int4"'),
+        (
+            "demo",
+            {"experts": {"redundant": -1}},
+            "spec.experts.redundant in body should be greater than or equal to 0",
+        ),
+        (
+            "demo",
+            {"experts": {"rebalanceInterval": -1}},
+            "spec.experts.rebalanceInterval in body should be greater than or equal to 0",
+        ),
+        (
+            "demo",
+            {"experts": {"rebalanceMinGain": 1}},
+            "spec.experts.rebalanceMinGain in body should be less than 1",
+        ),
+        (
+            "demo",
+            {"experts": {"rebalanceMinGain": -0.5}},
+            "spec.experts.rebalanceMinGain in body should be greater than or equal to 0",
+        ),
         ("demo", {"image": None}, "spec.image: Required value"),
         (
             "demo",
@@ -310,6 +330,16 @@ def test_chart_installs_the_crd_and_an_operator_with_least_privilege(
             "demo",
             {"serving": {"engine": {"prefixCaching": "no"}}},
             "spec.serving.engine.prefixCaching in body must be of type boolean",
+        ),
+        (
+            "demo",
+            {"serving": {"engine": {"speculative": "eagle"}}},
+            'spec.serving.engine.speculative: Unsupported value: "eagle"',
+        ),
+        (
+            "demo",
+            {"serving": {"engine": {"speculative": "mtp", "numSpeculativeTokens": 4}}},
+            "spec.serving.engine.numSpeculativeTokens in body should be less than or equal to 3",
         ),
         ("9lives", {}, "metadata.name must be a DNS label of at most 50 characters starting with a letter"),
         ("x" * 51, {}, "metadata.name must be a DNS label of at most 50 characters"),

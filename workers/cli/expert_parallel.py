@@ -47,7 +47,8 @@ def add_balance_arguments(group: argparse._ActionsContainer) -> None:
         "--rebalance-interval",
         type=non_negative_int,
         default=0,
-        help="steps between EPLB rebalances from the counted load (0 = never)",
+        help="steps between EPLB rebalances from the counted load (0 = only on request: serve's "
+        "POST /admin/experts/rebalance)",
     )
     group.add_argument(
         "--rebalance-min-gain",

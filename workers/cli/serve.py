@@ -255,8 +255,6 @@ def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace, dtypes:
         parser.error("--attention-ranks > 1 needs --expert-ranks >= 1")
     if (args.redundant_experts or args.rebalance_interval) and args.expert_ranks == 0 and not args.ray:
         parser.error("--redundant-experts and --rebalance-interval need --expert-ranks >= 1")
-    if args.rebalance_interval and args.ray:
-        parser.error("--rebalance-interval: not with --ray yet (--redundant-experts is)")
     if args.ray:
         extras.require_or_exit(extras.RAY, "--ray (Ray Serve)", "moeserve serve")
     import torch
@@ -309,6 +307,8 @@ def run_ray_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         attention_ranks=args.attention_ranks,
         expert_ranks=args.expert_ranks or 1,
         redundant_experts=args.redundant_experts,
+        rebalance_interval=args.rebalance_interval,
+        rebalance_min_gain=args.rebalance_min_gain,
         collective_timeout_s=args.collective_timeout,
         engine=engine_settings(parser, args),
         ports=Ports(grpc=args.port, metrics=args.metrics_port, http=http_port),

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -67,6 +68,8 @@ class BalanceState:
     """The same for the map each layer had before the last check."""
     seconds: float = 0.0
     """How long the last rebalance check took on this rank (maps, weight copies, switch)."""
+    answered: int = 0
+    """The last `request` ticket a check has answered (every request up to it ran after its ask)."""
 
 
 class ExpertBalancer:
@@ -93,6 +96,7 @@ class ExpertBalancer:
         self._step_rows = [0] * placement.num_ranks
         self._steps = 0
         self._requested = threading.Event()
+        self._tickets = 0  # requests asked so far; a check answers every one asked before it starts
         self._lock = threading.Lock()
 
     # attention ranks, while routing
@@ -104,9 +108,38 @@ class ExpertBalancer:
         for r, rows in enumerate(rows_per_rank.tolist()):
             self._step_rows[r] += rows
 
-    def request(self) -> None:
-        """Ask for a rebalance check at the next step (any rank's request makes every rank run it)."""
-        self._requested.set()
+    def request(self) -> int:
+        """Ask for a rebalance check at the next step (any rank's request makes every rank run it).
+
+        Returns a ticket: the check has run for it once `state.answered >= ticket`."""
+        with self._lock:
+            self._tickets += 1
+            self._requested.set()
+            return self._tickets
+
+    def report(self) -> dict[str, Any]:
+        """The current map and balance of every MoE layer, JSON-ready (the admin endpoints; any thread).
+
+        `imbalance` is the predicted max/mean rank load of the layer's map over the window of the
+        last check, `imbalance_before` that of the map it had before that check (None before any)."""
+        state = self.state
+        layers = [
+            {
+                "layer": layer,
+                "ranks": [list(ids) for ids in self.maps[layer].ranks],
+                "imbalance": state.imbalance.get(layer),
+                "imbalance_before": state.imbalance_before.get(layer),
+            }
+            for layer in self.layers
+        ]
+        return {
+            "rebalances": state.rebalances,
+            "checks": state.checks,
+            "last_check_seconds": state.seconds,
+            "interval": self.settings.interval,
+            "min_gain": self.settings.min_gain,
+            "layers": layers,
+        }
 
     # BetweenSteps
     def wanted(self) -> bool:
@@ -121,10 +154,11 @@ class ExpertBalancer:
 
     def run(self) -> None:
         """Every rank, in lockstep: sum the window, compute the maps, move the weights, switch."""
-        self._requested.clear()
         self._steps = 0
         world, t0 = self.world, time.perf_counter()
-        with self._lock:
+        with self._lock:  # with the clear: a request asked from here on gets the next check
+            self._requested.clear()
+            answers = self._tickets
             window = self._window.clone()
             self._window.zero_()
         window = window.to(world.device)
@@ -161,6 +195,7 @@ class ExpertBalancer:
             imbalance=imbalances,
             imbalance_before=previous,
             seconds=time.perf_counter() - t0,
+            answered=answers,
         )
         if changed and world.rank == 0:
             for layer, new in sorted(changed.items()):

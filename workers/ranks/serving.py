@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,10 +30,11 @@ from moeserve.workers.engine.request import AbortCause, InvalidRequest, RequestO
 from moeserve.workers.engine.runner import LocalModelRunner
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.loader import load_attention_side, load_experts
+from moeserve.workers.model.mtp import load_mtp, load_mtp_experts
 from moeserve.workers.model.tokenizer import Tokenizer
-from moeserve.workers.parallel.dispatch import AllToAllExecutor, ExpertServer
+from moeserve.workers.parallel.dispatch import AllToAllExecutor, ExpertServer, LockstepPasses
 from moeserve.workers.parallel.rebalance import ExpertBalancer
-from moeserve.workers.parallel.settings import EPSettings
+from moeserve.workers.parallel.settings import EPSettings, served_moe_layers
 from moeserve.workers.parallel.world import EPWorld, init_world
 from moeserve.workers.ranks.lockstep import LockstepLoop, serve_experts
 
@@ -51,6 +53,21 @@ class ServingRankSpec:
     engine: EngineSettings
     threads: int = 1
     """torch CPU threads per rank."""
+
+    @property
+    def drafts_with_mtp(self) -> bool:
+        """`--speculative mtp`: attention ranks hold the MTP layer, expert ranks its routed experts."""
+        return self.engine.speculative == "mtp"
+
+    def moe_calls_per_step(self, config: ModelConfig) -> list[int]:
+        """The routed layer of each MoE call of one step, in the order every rank makes them: the
+        model's MoE layers once each, then the MTP layer once per draft token (its first pass over
+        the step's new tokens, then one per further draft)."""
+        layers = served_moe_layers(config, self.drafts_with_mtp)
+        mtp = config.num_hidden_layers
+        return [layer for layer in layers if layer != mtp] + [
+            mtp for _ in range(self.engine.num_speculative_tokens) if mtp in layers
+        ]
 
 
 def join_world(spec: ServingRankSpec, rank: int, store_host: str, store_port: int, secret: bytes) -> EPWorld:
@@ -83,11 +100,20 @@ class AttentionRank:
         model = load_attention_side(
             spec.model_path, spec.ep.dtype, device=world.device, fp8_weights=spec.ep.fp8_weights
         )
+        mtp = None
+        if spec.drafts_with_mtp:  # the draft layer beside the model; its experts are on the expert ranks
+            mtp = load_mtp(spec.model_path, model, with_routed_experts=False, device=world.device)
         placement = spec.ep.expert_placement(config)
-        self.balancer = ExpertBalancer(world, placement, spec.ep.balance_settings(config))
-        routed = AllToAllExecutor(world, placement, balancer=self.balancer)
+        balance = spec.ep.balance_settings(config, with_mtp=spec.drafts_with_mtp)
+        self.balancer = ExpertBalancer(world, placement, balance)
+        self.routed = LockstepPasses(
+            AllToAllExecutor(world, placement, balancer=self.balancer),
+            spec.moe_calls_per_step(config),
+            config.hidden_size,
+            config.num_experts_per_tok,
+        )
         self.runner = LocalModelRunner(
-            model, spec.engine.num_blocks, spec.engine.block_size, routed, world.device
+            model, spec.engine.num_blocks, spec.engine.block_size, self.routed, world.device, mtp
         )
         tokenizer = Tokenizer.from_model_dir(spec.model_path)
         salt = model_cache_salt(spec.model_path, str(spec.ep.dtype))
@@ -95,7 +121,7 @@ class AttentionRank:
             self.runner, spec.engine, config.eos_token_ids, tokenizer, observer, cache_salt=salt
         )
         self.world = world
-        self.loop = LockstepLoop(self.engine, world)
+        self.loop = LockstepLoop(self.engine, world, after_step=self.routed.finish_step)
         self.on_output = on_output
         self._keys: dict[int, int] = {}  # front-end key -> engine key
         self._lock = threading.Lock()
@@ -169,6 +195,27 @@ class AttentionRank:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+    def expert_map(self) -> dict[str, Any]:
+        """Every MoE layer's expert map and balance (`ExpertBalancer.report`; every rank agrees)."""
+        return self.balancer.report()
+
+    def request_rebalance(self, timeout_s: float) -> dict[str, Any]:
+        """One rebalance check on every rank of the instance at its next step; the maps after it,
+        with `changed`: whether a map changed since the request. Blocks the calling thread (never
+        the engine's) until the check ran: TimeoutError after `timeout_s`, EngineStopped if the
+        loop ends first."""
+        before = self.balancer.state.rebalances
+        ticket = self.balancer.request()
+        deadline = time.monotonic() + timeout_s
+        while self.balancer.state.answered < ticket:
+            if not self.loop.alive:
+                raise EngineStopped(f"{self.world.name}: the engine stopped before the rebalance check ran")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.world.name}: no rebalance check within {timeout_s:g} s")
+            time.sleep(0.01)  # a check takes a step's time or more; polling is cheap next to it
+        report = self.balancer.report()
+        return {**report, "changed": report["rebalances"] > before}
+
 
 def refusal_cause(error: Exception) -> AbortCause:
     """How a refused submission ends its stream: only a failed engine means the instance is down."""
@@ -189,6 +236,10 @@ def run_expert_rank(spec: ServingRankSpec, world: EPWorld, stop: threading.Event
     experts = load_experts(
         spec.model_path, ids, spec.ep.dtype, device=world.device, fp8_weights=spec.ep.fp8_weights
     )
+    if spec.drafts_with_mtp:
+        experts |= load_mtp_experts(spec.model_path, list(ids), spec.ep.dtype, device=world.device)
+    calls = spec.moe_calls_per_step(config)
+    passes = {layer: calls.count(layer) for layer in set(calls) if calls.count(layer) > 1}
     weights = sum(p.numel() * p.element_size() for m in experts.values() for p in m.parameters())
     log.info(
         "%s: %d expert slots, %.1f MiB of expert weights; %s",
@@ -197,8 +248,10 @@ def run_expert_rank(spec: ServingRankSpec, world: EPWorld, stop: threading.Event
         weights / 2**20,
         placement.describe(),
     )
-    balancer = ExpertBalancer(world, placement, spec.ep.balance_settings(config), experts)
+    balance = spec.ep.balance_settings(config, with_mtp=spec.drafts_with_mtp)
+    balancer = ExpertBalancer(world, placement, balance, experts)
     world.wait_for_all_ranks()
-    steps = serve_experts(ExpertServer(world, experts, config.num_experts_per_tok, balancer=balancer), stop)
+    server = ExpertServer(world, experts, config.num_experts_per_tok, balancer=balancer, passes=passes)
+    steps = serve_experts(server, stop)
     dist.destroy_process_group()
     return steps

@@ -84,6 +84,8 @@ def rank_spec(cfg: ServeAppConfig) -> ServingRankSpec:
         placement=placement,
         block_size=engine.block_size,
         redundant_experts=cfg.redundant_experts,
+        rebalance_interval=cfg.rebalance_interval,
+        rebalance_min_gain=cfg.rebalance_min_gain,
     )
     return ServingRankSpec(model_path(cfg), ep, engine)
 
@@ -96,15 +98,26 @@ class InstanceHealth:
 
     def __init__(self) -> None:
         self._seen: dict[str, tuple[bool, float]] = {}  # instance -> (ready, when reported)
+        self._controls: dict[str, tuple[str, str] | None] = {}  # instance -> its control actor
 
-    async def report(self, instance: str, ready: bool) -> None:
+    async def report(self, instance: str, ready: bool, control: tuple[str, str] | None = None) -> None:
+        """`control`: (name, namespace) of the instance's attention rank 0 actor while it serves
+        (the admin routes' way to its ranks)."""
         self._seen[instance] = (ready, time.monotonic())
+        self._controls[instance] = control
 
     async def ready_instances(self) -> tuple[int, int]:
         """(instances heard from within `STALE_S`, how many of them are ready)."""
         now = time.monotonic()
         self._seen = {k: v for k, v in self._seen.items() if now - v[1] <= STALE_S}
         return len(self._seen), sum(ready for ready, _ in self._seen.values())
+
+    async def controls(self) -> dict[str, tuple[str, str]]:
+        """instance -> (name, namespace) of the attention rank 0 actor of every ready instance
+        heard from within `STALE_S`."""
+        await self.ready_instances()  # drops the stale
+        found = {k: self._controls.get(k) for k, (up, _) in self._seen.items() if up}
+        return {k: control for k, control in found.items() if control is not None}
 
 
 @serve.deployment(
@@ -123,13 +136,14 @@ class ModelInstance:
         await self.core.start()
 
     async def _report_readiness(self) -> None:
-        last: tuple[bool, float] | None = None
+        last: tuple[bool, int, float] | None = None
         while True:
-            ready = self.core.ready.is_set()
-            if last is None or last[0] != ready or time.monotonic() - last[1] >= HEARTBEAT_S:
+            ready, world = self.core.ready.is_set(), self.core.generation
+            # at once on a change (a rebuilt world has a new control actor), else every HEARTBEAT_S
+            if last is None or last[:2] != (ready, world) or time.monotonic() - last[2] >= HEARTBEAT_S:
                 try:
-                    await self.health.report.remote(self.name, ready)
-                    last = (ready, time.monotonic())
+                    await self.health.report.remote(self.name, ready, self.core.control())
+                    last = (ready, world, time.monotonic())
                 except Exception:  # noqa: BLE001 - the health deployment restarts; report again
                     log.warning("%s: readiness report failed", self.name, exc_info=True)
             await asyncio.sleep(0.05)
@@ -258,10 +272,16 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     path = model_path(cfg)
     if not (path / "config.json").exists():
         raise ServeConfigError(f"model.path: no config.json in {path}")
+    model_config = ModelConfig.from_file(path)
     try:  # placement errors before any actor starts
-        rank_spec(cfg).ep.expert_placement(ModelConfig.from_file(path))
+        rank_spec(cfg).ep.expert_placement(model_config)
     except PlacementError as e:
         raise ServeConfigError(f"placement: {e}") from e
+    if cfg.engine.speculative == "mtp" and model_config.num_nextn_predict_layers < 1:
+        raise ServeConfigError(
+            f"engine.speculative: mtp needs a checkpoint with an MTP layer; {path} has none "
+            "(config.json num_nextn_predict_layers is 0 or absent)"
+        )
     config = cfg.to_dict()
     health = InstanceHealth.bind()  # type: ignore[attr-defined]
     # cache-aware routing between instances (issue 17): a prompt goes where its prefix is cached
@@ -278,6 +298,38 @@ class _Stop(Exception):
 
 def _raise_stop(*_: object) -> None:
     raise _Stop()
+
+
+READY_TIMEOUT_S = 600.0  # after serve.run: the proxies answer within a few readiness polls
+
+
+def wait_until_answering(cfg: ServeAppConfig, host: str, timeout_s: float) -> None:
+    """Block until clients get answers through Serve's proxies: the gRPC health check SERVING (every
+    instance ready) and, with the HTTP API, `/health` 200 (the ingress's readiness, refreshed every
+    `READY_POLL_S`). `serve.run` returns once the deployments are up, which can be before either;
+    "serving" is printed only after this. TimeoutError past `timeout_s`."""
+    import urllib.error
+    import urllib.request
+
+    from moeserve.workers.client import InferenceClient
+
+    deadline = time.monotonic() + timeout_s
+    with InferenceClient(f"127.0.0.1:{cfg.ports.grpc}") as client:
+        client.wait_serving(timeout_s)
+    if not cfg.ports.http:
+        return
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{local}:{cfg.ports.http}/health"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass  # 503 until the ingress has seen a ready instance
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the OpenAI HTTP API at {url} did not turn healthy in {timeout_s:g} s")
+        time.sleep(0.1)
 
 
 def run_with_ray(cfg: ServeAppConfig, ray_address: str | None, host: str = "0.0.0.0") -> None:
@@ -311,6 +363,7 @@ def run_with_ray(cfg: ServeAppConfig, ray_address: str | None, host: str = "0.0.
         http = {"host": host, "port": cfg.ports.http} if cfg.ports.http else {"host": "127.0.0.1", "port": 0}
         serve.start(http_options=http, grpc_options=grpc_options)
         serve.run(app, name=APP_NAME)
+        wait_until_answering(cfg, host, READY_TIMEOUT_S)
         metrics = "" if ray_address else f", metrics on :{cfg.ports.metrics}{contract.METRICS_PATH}"
         api = f", OpenAI HTTP API on :{cfg.ports.http}" if cfg.ports.http else ""
         print(

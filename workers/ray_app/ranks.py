@@ -122,6 +122,15 @@ class AttentionRankActor:
     async def stats(self) -> dict[str, int]:
         return self.ranker.stats() if self.ranker is not None else {}
 
+    async def expert_map(self) -> dict[str, Any]:
+        assert self.ranker is not None, "rank is not running"
+        return self.ranker.expert_map()
+
+    async def request_rebalance(self, timeout_s: float) -> dict[str, Any]:
+        """One rebalance check on every rank of this world (waits on a thread, not on this loop)."""
+        assert self.ranker is not None, "rank is not running"
+        return await asyncio.to_thread(self.ranker.request_rebalance, timeout_s)
+
 
 @ray.remote
 class ExpertRankActor:
@@ -169,12 +178,15 @@ class RankWorld:
         self.instance = instance
         self._spec = spec
 
+    def actor_name(self, rank: int) -> str:
+        return f"{self.name}-{self.layout.role(rank)}-{rank}"
+
     async def start(self, timeout_s: float) -> None:
         await asyncio.wait_for(self.pg.ready(), timeout_s)
         for rank in range(self.layout.size):
             role = self.layout.role(rank)
             options: Any = {
-                "name": f"{self.name}-{role}-{rank}",
+                "name": self.actor_name(rank),
                 "num_cpus": 1,
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=rank
@@ -308,6 +320,15 @@ class ModelInstanceCore:
                 self._load[rank] -= 1
             if not finished:
                 world.attention[rank].abort.remote(key)
+
+    def control(self) -> tuple[str, str] | None:
+        """(name, namespace) of attention rank 0's actor while the world serves (the admin routes
+        reach the ranks there), else None. A name, not the handle: a handle in every readiness
+        report slowed the reports by seconds."""
+        world = self.world
+        if world is None or not self.ready.is_set():
+            return None
+        return world.actor_name(0), ray.get_runtime_context().namespace
 
     async def stats(self) -> list[dict[str, int]]:
         world = self.world

@@ -45,6 +45,8 @@ from moeserve.workers.server.rank_process import rank_main
 from moeserve.workers.server.servicer import Backend
 
 log = logging.getLogger(__name__)
+ANSWER_S = 10.0  # how long an admin ask waits for attention rank 0 beyond its own timeout
+INSTANCE = "local"  # the one model instance's name in admin answers (Ray names its replicas)
 
 
 class EPFrontend:
@@ -77,6 +79,7 @@ class EPFrontend:
         self.route_margin = LOAD_MARGIN  # see engine.prefix_routing.choose
         self._ready: set[int] = set()
         self._stats: dict[int, dict[str, int]] = {}
+        self._asks: dict[int, list[Any]] = {}  # token of an admin ask -> where its answer goes
 
     # lifecycle
     def start(self) -> EPFrontend:
@@ -116,6 +119,42 @@ class EPFrontend:
                 raise TimeoutError("attention ranks did not report their counters")
             time.sleep(0.01)
         return [self._stats[r] for r in range(self.layout.attention_ranks)]
+
+    # the admin endpoints (`openai_api.admin.ExpertControl`): attention rank 0 answers; every rank
+    # holds the same maps, and its rebalance request makes every rank of the instance run the check
+    def expert_map(self) -> dict[str, Any]:
+        return {"instances": [{"instance": INSTANCE, **self._ask(("expert_map",), ANSWER_S)}]}
+
+    def request_rebalance(self, timeout_s: float) -> dict[str, Any]:
+        answer = self._ask(("rebalance", timeout_s), timeout_s + ANSWER_S)
+        return {"instances": [{"instance": INSTANCE, **answer}]}
+
+    def _ask(self, message: tuple[Any, ...], wait_s: float) -> dict[str, Any]:
+        """Send (kind, token, *rest) to attention rank 0 and wait (this thread) for its answer."""
+        with self._lock:
+            key = next(self._keys)
+        box: list[Any] = []  # the pump appends (result, error); dropped with the ask if it times out
+        self._asks[key] = box
+        try:
+            self._inboxes[0].put((message[0], key, *message[1:]))
+            deadline = time.monotonic() + wait_s
+            while not box:
+                if self.failure is not None:
+                    raise EngineFailed(f"an expert-parallel rank failed: {self.failure}")
+                if self._stopping:
+                    raise EngineStopped("engine is stopping")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"attention rank 0 did not answer {message[0]!r} within {wait_s:g} s")
+                time.sleep(0.01)
+        finally:
+            self._asks.pop(key, None)
+        result, error = box[0]
+        if error is None:
+            return dict(result)
+        kind, text = error
+        if kind == "timeout":
+            raise TimeoutError(text)
+        raise EngineStopped(text)
 
     def pid(self, rank: int) -> int:
         return self.ranks.pid(rank)
@@ -207,6 +246,11 @@ class EPFrontend:
                 self._ready.add(rank)
             elif kind == "stats":
                 self._stats[rank] = payload
+            elif kind == "answer":
+                token, result, error = payload
+                box = self._asks.get(token)
+                if box is not None:
+                    box.append((result, error))
             elif kind == "metrics":
                 events, self._gauges[rank] = payload
                 if self.metrics is not None:

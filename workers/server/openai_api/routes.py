@@ -1,6 +1,7 @@
 """The FastAPI app of the OpenAI API: /v1/models, /v1/completions, /v1/chat/completions, /health,
-/metrics. Bodies are read here (bounded by `MAX_BODY_BYTES`) and parsed, validated and tokenized on
-a worker thread; streams are server-sent events that end with `data: [DONE]`."""
+/metrics (and the expert-balancing routes of `admin`). Bodies are read here (bounded by
+`MAX_BODY_BYTES`) and parsed, validated and tokenized on a worker thread; streams are server-sent
+events that end with `data: [DONE]`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from moeserve.workers.server.openai_api.admin import add_admin_routes
 from moeserve.workers.server.openai_api.chat_template import ChatTemplate
 from moeserve.workers.server.openai_api.convert import (
     MAX_BODY_BYTES,
@@ -158,4 +160,5 @@ def create_app(state: ServingState, registry: CollectorRegistry | None, config: 
 
         return await generate(request, prepare)
 
+    add_admin_routes(app, state)  # /admin/experts/*: 404 without expert ranks
     return app
