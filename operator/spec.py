@@ -53,7 +53,8 @@ class ModelSource:
     path: str
     """Checkpoint directory or URI, readable from every rank's pod."""
     dtype: str = ModelSpec.dtype
-    """Weight and KV-cache dtype (bfloat16, float16, float32)."""
+    """Weight, activation and KV-cache dtype (auto, bfloat16, float16, float32); auto: chosen on the
+    ranks' host for the checkpoint."""
     fp8_weights: str = ModelSpec.fp8_weights
     """An FP8 checkpoint's weights: "dequantize" to `dtype` at load, or "keep" them fp8."""
     max_model_len: int | None = None

@@ -13,8 +13,10 @@ from typing import Any, Literal
 
 from moeserve.engine_settings import EngineSettings, RequestLimits
 
-Dtype = Literal["bfloat16", "float16", "float32"]
-DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+"""`auto`: each instance's attention rank 0 picks the dtype for its host from the checkpoint's dtype
+(`workers/model/dtype_policy.py`: e.g. fp32 on an AVX2-only CPU) before any rank loads."""
+DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
 Fp8Weights = Literal["dequantize", "keep"]
 """How an FP8 checkpoint's weights are held (`workers/model/fp8.py`): `dequantize`: to the model
 dtype at load; `keep`: fp8 in memory, dequantized inside each product."""
@@ -29,8 +31,9 @@ class ServeConfigError(ValueError):
 class ModelSpec:
     path: str = ""
     """Checkpoint directory (Hugging Face layout) readable by every rank; "" = the embedded model."""
-    dtype: Dtype = "bfloat16"
-    """Weight and KV-cache dtype."""
+    dtype: Dtype = "auto"
+    """Weight, activation and KV-cache dtype; `auto` as `moeserve serve --dtype auto`, decided on the
+    ranks' host."""
     fp8_weights: Fp8Weights = "dequantize"
     """An FP8 checkpoint's weights: dequantized to `dtype` at load, or kept fp8 (dequantized per
     block inside each matmul: half the memory); no effect on other checkpoints."""

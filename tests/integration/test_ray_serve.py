@@ -50,7 +50,9 @@ TEMPLATE = (
 
 def app_config(path: Path, **changes: Any) -> dict[str, Any]:
     return {
-        "model": {"path": str(path), "dtype": "float32"},
+        # auto, decided by each instance's attention rank 0 (`RankWorld.start`): fp32 for this fp32
+        # checkpoint on any host, so the outputs equal the fp32 reference
+        "model": {"path": str(path), "dtype": "auto"},
         "replicas": 2,
         "attention_ranks": 1,
         "expert_ranks": 2,

@@ -382,6 +382,7 @@ def test_every_volume_source_is_accepted_and_cpu_only_ranks_too(
     assert stored["model"]["volume"] == volume, "the API server must keep the volume as given"
     assert stored["probes"] == {"startupSeconds": 600}
     assert stored["scheduling"]["packing"] == "Preferred"
+    assert stored["model"]["dtype"] == "auto", "decided on the ranks' host unless given"
 
 
 def test_model_path_and_ranks_cannot_change_but_replicas_can(

@@ -146,3 +146,47 @@ def test_serve_prints_its_choice_before_it_listens(bf16_checkpoint: Path) -> Non
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+# -- the Ray app and the operator: `dtype: auto` decided on the ranks' host ----------------------
+
+_RANK_SPEC_CHOICE = """
+import sys
+from pathlib import Path
+import torch
+from moeserve.engine_settings import EngineSettings
+from moeserve.workers.parallel.settings import EPSettings
+from moeserve.workers.ranks.serving import ServingRankSpec
+ep = EPSettings(1, 1, dtype=torch.bfloat16)
+spec = ServingRankSpec(Path(sys.argv[1]), ep, EngineSettings(), auto_dtype=True)
+chosen = spec.for_this_host()
+assert not chosen.auto_dtype and chosen.for_this_host() is chosen
+print(str(chosen.ep.dtype).removeprefix("torch."))
+"""
+
+
+def _rank_spec_choice(path: Path, env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", _RANK_SPEC_CHOICE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_rank_spec_with_auto_dtype_is_decided_for_the_host_it_runs_on(bf16_checkpoint: Path) -> None:
+    """What attention rank 0's actor does before any rank loads (`RankWorld.start`)."""
+    here = str(choose_dtype(torch.bfloat16, CPU, cpu_capability()).compute).removeprefix("torch.")
+    assert _rank_spec_choice(bf16_checkpoint, {}) == here
+    assert _rank_spec_choice(bf16_checkpoint, {"ATEN_CPU_CAPABILITY": "avx2"}) == "float32"
+
+
+def test_auto_is_the_serve_configs_default_and_a_bad_dtype_is_named() -> None:
+    from moeserve.serve_config import ModelSpec, ServeAppConfig, ServeConfigError
+
+    assert ServeAppConfig().model.dtype == "auto"
+    with pytest.raises(ServeConfigError, match=r"^model.dtype: must be one of auto, bfloat16"):
+        ServeAppConfig(model=ModelSpec(dtype="int8")).validate()  # type: ignore[arg-type]

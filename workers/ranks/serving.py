@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from moeserve.workers.engine.prefix_cache import model_cache_salt
 from moeserve.workers.engine.request import AbortCause, InvalidRequest, RequestOutput, SamplingParams
 from moeserve.workers.engine.runner import LocalModelRunner
 from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.dtype_policy import resolve_dtype
 from moeserve.workers.model.loader import load_attention_side, load_experts
 from moeserve.workers.model.mtp import load_mtp, load_mtp_experts
 from moeserve.workers.model.tokenizer import Tokenizer
@@ -53,6 +54,18 @@ class ServingRankSpec:
     engine: EngineSettings
     threads: int = 1
     """torch CPU threads per rank."""
+    auto_dtype: bool = False
+    """`dtype auto`: `ep.dtype` is provisional until `for_this_host` picks it on the host of
+    attention rank 0, before any rank loads (every rank then gets the same choice)."""
+
+    def for_this_host(self) -> ServingRankSpec:
+        """This spec with an `auto` dtype decided for this host's device (`dtype_policy`), logged."""
+        if not self.auto_dtype:
+            return self
+        device = torch.device("cuda" if self.ep.backend == "nccl" else "cpu")
+        choice = resolve_dtype("auto", self.model_path, device)
+        log.info("%s", choice.describe())
+        return replace(self, ep=replace(self.ep, dtype=choice.compute), auto_dtype=False)
 
     @property
     def drafts_with_mtp(self) -> bool:

@@ -73,13 +73,15 @@ def model_path(cfg: ServeAppConfig) -> Path:
 def rank_spec(cfg: ServeAppConfig) -> ServingRankSpec:
     """What every rank of every instance gets, from the validated config."""
     engine = cfg.engine
+    auto = cfg.model.dtype == "auto"
     placement = tuple(tuple(r) for r in cfg.placement) if cfg.placement is not None else None
     ep = EPSettings(
         cfg.attention_ranks,
         cfg.expert_ranks,
         collective_timeout_s=cfg.collective_timeout_s,
         backend="nccl" if cfg.gpus_per_attention_rank > 0 else "gloo",
-        dtype=getattr(torch, cfg.model.dtype),
+        # auto: a placeholder until attention rank 0 decides on its host (`RankWorld.start`)
+        dtype=torch.float32 if auto else getattr(torch, cfg.model.dtype),
         fp8_weights=cfg.model.fp8_weights,
         placement=placement,
         block_size=engine.block_size,
@@ -87,7 +89,7 @@ def rank_spec(cfg: ServeAppConfig) -> ServingRankSpec:
         rebalance_interval=cfg.rebalance_interval,
         rebalance_min_gain=cfg.rebalance_min_gain,
     )
-    return ServingRankSpec(model_path(cfg), ep, engine)
+    return ServingRankSpec(model_path(cfg), ep, engine, auto_dtype=auto)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)

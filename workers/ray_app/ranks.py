@@ -59,6 +59,11 @@ class AttentionRankActor:
         self._store = host_store(ip, self.spec.ep.startup_timeout_s)
         return ip, int(self._store.port)
 
+    async def resolve_dtype(self) -> ServingRankSpec:
+        """Rank 0 decides an `auto` dtype for its host; the other ranks are made with its answer."""
+        self.spec = await asyncio.to_thread(self.spec.for_this_host)
+        return self.spec
+
     async def close_store(self) -> None:
         """Every rank has joined: stop listening for the rendezvous."""
         self._store = None
@@ -183,6 +188,7 @@ class RankWorld:
 
     async def start(self, timeout_s: float) -> None:
         await asyncio.wait_for(self.pg.ready(), timeout_s)
+        spec = self._spec
         for rank in range(self.layout.size):
             role = self.layout.role(rank)
             options: Any = {
@@ -195,10 +201,12 @@ class RankWorld:
             attention: Any = AttentionRankActor  # ray.remote classes: mypy does not see `options`
             expert: Any = ExpertRankActor
             if role == "attention":
-                actor = attention.options(**options).remote(self._spec, rank, self.instance)
+                actor = attention.options(**options).remote(spec, rank, self.instance)
             else:
-                actor = expert.options(**options).remote(self._spec, rank)
+                actor = expert.options(**options).remote(spec, rank)
             (self.attention if role == "attention" else self.experts).append(actor)
+            if rank == 0 and spec.auto_dtype:
+                spec = await actor.resolve_dtype.remote()
         host, port = await self.attention[0].host_store.remote()
         secret = new_secret()  # this generation's; reaches its actors only, through Ray
         self.runs = [a.run.remote(host, port, secret) for a in [*self.attention, *self.experts]]
