@@ -167,8 +167,10 @@ class RoutedExperts(nn.Module):
         ids = local_ids.tolist()
         order = sorted(range(len(ids)), key=ids.__getitem__)  # ascending expert, as sort_by_expert
         y = torch.cat([self.down(swiglu(self.gate_up(x, ids[j])), ids[j]) for j in order])
-        pairs = torch.tensor(order, device=x.device)
-        return combine(y, pairs, torch.zeros_like(pairs), weights, 1)
+        w = weights[torch.tensor(order, device=x.device)][:, None]
+        # = combine(y, order, zeros, weights, 1), bit for bit, without its index_add_: right after
+        # the expert GEMVs that costs ~1 ms on the CPU (it wakes the thread pool), a sum ~20 us
+        return (y * w).to(y.dtype).sum(0, keepdim=True)
 
     def forward_naive(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Reference: every (token, choice) pair on its own. x [T, D], local_ids/weights [T, K] -> [T, D]."""
