@@ -181,12 +181,20 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None, :].expand(length, self.n_heads, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)  # [T, H, N+R]
-        # query i sits at position cached + i and sees keys 0..cached + i
-        mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(diagonal=cached)
+        widen = q.shape[-1] - self.v_dim if not q.is_cuda else 0
+        if widen > 0:  # one head dim for q, k, v: torch's flash CPU kernel (2-4x at 2K tokens), not
+            v = F.pad(v, (0, widen))  # the math path that materializes every [H, T, L] score
+        # query i sits at position cached + i and sees keys 0..cached + i: plain causal without a cache
+        mask = None if cached == 0 else torch.ones(t, length, dtype=torch.bool, device=q.device).tril(cached)
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=self.scale
-        )  # [H, T, V]
-        return o.transpose(0, 1)
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scale,
+        )  # [H, T, V (+ widen)]
+        return o.transpose(0, 1)[..., : self.v_dim]
 
     def _absorbed(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latents: torch.Tensor, padding: torch.Tensor
