@@ -91,8 +91,8 @@ def main() -> None:
         print(f"  vllm batch {b}: {b / t:.1f} tok/s ({t * 1e3:.1f} ms/step)", flush=True)
     for n in (args.prompt, args.long_prompt):
         ttft[str(n)] = min(timed(prompts(1, n, vocab), 1) for _ in range(args.repeats))
-    result["short_step_s"] = step(prompts(1, args.prompt, vocab), 1, args.long_new_tokens)
-    result["long_step_s"] = step(prompts(1, args.long_prompt, vocab), 1, args.long_new_tokens)
+    result["short_step_s"] = step(prompts(1, args.prompt, vocab), args.skip_tokens, args.long_new_tokens)
+    result["long_step_s"] = step(prompts(1, args.long_prompt, vocab), args.skip_tokens, args.long_new_tokens)
     print("RESULT " + json.dumps(result), flush=True)
 
 
