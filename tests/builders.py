@@ -116,6 +116,19 @@ def write_reference_checkpoint(name: str, out: Path, max_shard_size: str | None 
     return out
 
 
+def write_bf16_reference_checkpoint(name: str, out: Path) -> tuple[Path, torch.nn.Module]:
+    """A bf16 checkpoint of `reference_model(name)` and the fp32 reference holding exactly its
+    values (weights rounded to bf16 in place: rope buffers and the computation stay fp32)."""
+    import copy
+
+    model = reference_model(name)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(out)
+    return out, model
+
+
 # A text corpus with multi-byte characters, so the tokenizer has tokens that split them.
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. ",

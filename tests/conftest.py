@@ -9,7 +9,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from builders import REFERENCE_CONFIGS, reference_model, write_reference_checkpoint  # noqa: E402
+from builders import (  # noqa: E402
+    REFERENCE_CONFIGS,
+    reference_model,
+    write_bf16_reference_checkpoint,
+    write_reference_checkpoint,
+)
 from prerequisites import missing_message, missing_modules  # noqa: E402
 
 
@@ -31,3 +36,10 @@ def reference_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 @pytest.fixture(scope="session")
 def reference_models() -> dict[str, object]:
     return {name: reference_model(name) for name in REFERENCE_CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def bf16_references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, object]]:
+    """name -> (bf16 checkpoint, transformers model in fp32 holding its exact values)."""
+    root = tmp_path_factory.mktemp("bf16_checkpoints")
+    return {name: write_bf16_reference_checkpoint(name, root / name) for name in REFERENCE_CONFIGS}

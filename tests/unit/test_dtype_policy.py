@@ -1,6 +1,7 @@
 """`--dtype auto` (the default of `generate` and `serve`): the policy, reading a checkpoint's dtype,
 and the commands printing and using the choice. `ATEN_CPU_CAPABILITY=avx2` makes torch dispatch as an
-AVX2-only host does, so an AVX-512 host runs both choices; an AVX2-only host sees fp32 both times."""
+AVX2-only host does, so an AVX-512 host runs both choices; an AVX2-only host sees fp32 compute
+both times."""
 
 from __future__ import annotations
 
@@ -15,8 +16,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from moeserve.workers.kernels import widen_gemm
 from moeserve.workers.kernels.cpu_capability import CpuCapability, cpu_capability
-from moeserve.workers.model.dtype_policy import checkpoint_dtype, choose_dtype, resolve_dtype
+from moeserve.workers.model.dtype_policy import (
+    checkpoint_dtype,
+    choose_dtype,
+    matmul_weight_dtype,
+    resolve_dtype,
+)
 from moeserve.workers.model.random_checkpoint import PRESETS, write_random_checkpoint
 
 pytestmark = pytest.mark.unit
@@ -35,12 +42,32 @@ def test_fp32_checkpoints_stay_fp32_everywhere() -> None:
 
 
 def test_bf16_computes_in_fp32_without_native_bf16_and_in_bf16_with_it() -> None:
+    assert widen_gemm.available(), widen_gemm.why_unavailable()  # test_widen_gemm.py says why
     slow = choose_dtype(torch.bfloat16, CPU, AVX2)
-    assert (slow.checkpoint, slow.compute, slow.weights) == (torch.bfloat16, torch.float32, torch.float32)
-    assert "converted at load" in slow.describe() and "AVX2" in slow.describe()
+    assert (slow.checkpoint, slow.compute, slow.weights) == (torch.bfloat16, torch.float32, torch.bfloat16)
+    assert "widened to fp32 in registers" in slow.describe() and "AVX2" in slow.describe()
+    assert "converted" not in slow.describe()
     fast = choose_dtype(torch.bfloat16, CPU, AVX512_BF16)
     assert (fast.compute, fast.weights) == (torch.bfloat16, torch.bfloat16)
     assert "converted" not in fast.describe()
+
+
+def test_without_the_kernel_avx2_converts_the_weights_to_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(widen_gemm, "available", lambda: False)
+    slow = choose_dtype(torch.bfloat16, CPU, AVX2)
+    assert (slow.compute, slow.weights) == (torch.float32, torch.float32)
+    assert "converted at load" in slow.describe()
+
+
+def test_only_bf16_values_are_kept_bf16() -> None:
+    """fp16 has no kernel; an fp8 checkpoint's dequantized values are not bf16 ones; a GPU computes
+    in the checkpoint's dtype; fp32 compute is what gets the bf16 weights."""
+    assert matmul_weight_dtype(torch.bfloat16, torch.float32, CPU, cap=AVX2) == torch.bfloat16
+    assert matmul_weight_dtype(torch.float16, torch.float32, CPU, cap=AVX2) == torch.float32
+    assert matmul_weight_dtype(torch.bfloat16, torch.float32, CPU, quantized=True, cap=AVX2) == torch.float32
+    assert matmul_weight_dtype(torch.bfloat16, torch.float32, torch.device("cuda"), cap=AVX2) == torch.float32
+    assert matmul_weight_dtype(torch.bfloat16, torch.float32, CPU, cap=AVX512_BF16) == torch.float32
+    assert matmul_weight_dtype(torch.bfloat16, torch.bfloat16, CPU, cap=AVX2) == torch.bfloat16
 
 
 def test_fp16_needs_native_fp16_not_bf16() -> None:
@@ -107,12 +134,15 @@ def test_generate_defaults_to_auto_prints_the_choice_and_computes_in_it(bf16_che
     assert _tokens(auto) == _tokens(explicit)
 
 
-def test_an_avx2_host_computes_a_bf16_checkpoint_in_fp32(bf16_checkpoint: Path) -> None:
-    auto = _generate(bf16_checkpoint, env={"ATEN_CPU_CAPABILITY": "avx2"})
+def test_an_avx2_host_computes_a_bf16_checkpoint_in_fp32_on_bf16_weights(bf16_checkpoint: Path) -> None:
+    avx2 = {"ATEN_CPU_CAPABILITY": "avx2"}
+    auto = _generate(bf16_checkpoint, env=avx2)
     line = DTYPE_LINE.search(auto.stderr)
-    assert line and line.group(2) == "float32" and line.group(3) == "float32", auto.stderr
-    assert "converted at load" in auto.stderr and "CPU dispatch AVX2" in auto.stderr
+    assert line and line.group(2) == "float32" and line.group(3) == "bfloat16", auto.stderr
+    assert "widened to fp32 in registers" in auto.stderr and "CPU dispatch AVX2" in auto.stderr
+    # the same values as fp32 weights: the same tokens as fp32 on this host's own dispatch
     assert _tokens(auto) == _tokens(_generate(bf16_checkpoint, "--dtype", "float32"))
+    assert _tokens(auto) == _tokens(_generate(bf16_checkpoint, "--dtype", "float32", env=avx2))
 
 
 def test_a_checkpoint_whose_dtype_cannot_be_read_exits_2(bf16_checkpoint: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from builders import prefill_logits
 
+from moeserve.workers.kernels.widen_gemm import WidenedLinear
 from moeserve.workers.model.batch import ForwardBatch, SequenceStep
 from moeserve.workers.model.loader import load_model
 from moeserve.workers.offline.generate import GenerationSettings, generate, make_cache
@@ -115,3 +116,58 @@ def test_fused_input_projections_equal_separate_ones(name: str, reference_checkp
     for block in model.layers:
         block.attn._fused_input = None  # the reference: two matmuls
     assert torch.allclose(prefill_logits(model, ids), fused, atol=1e-5, rtol=1e-5)
+
+
+# -- bf16 checkpoints computed in fp32 with the weights kept bf16 (the AVX2 hosts' choice) --------
+
+
+def _widened(path: Path) -> torch.nn.Module:
+    model = load_model(path, torch.float32, matmul_weights=torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, WidenedLinear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert all(e.widened and e.w13.dtype == torch.bfloat16 for e in model.local_experts().values())
+    assert model.dtype == torch.float32  # activations, cache and the absorbed MLA weights
+    return model
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_widened_bf16_weights_match_transformers_in_fp32(name: str, bf16_references) -> None:
+    path, ref_model = bf16_references[name]
+    ours = _widened(path)
+    ids = prompt(48)
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([ids])).logits[0].float()
+    got = prefill_logits(ours, ids)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()  # fp32 math on the same values
+    plain = prefill_logits(load_model(path, torch.float32, matmul_weights=torch.float32), ids)
+    assert torch.allclose(got, plain, atol=1e-5, rtol=1e-5)
+    short = prompt(20, seed=2)
+    with torch.no_grad():
+        want = ref_model.generate(
+            torch.tensor([short]), max_new_tokens=32, min_new_tokens=32, do_sample=False
+        )[0, len(short) :].tolist()
+    assert generate(ours, [short], GenerationSettings(max_tokens=32, stop_at_eos=False))[0] == want
+
+
+@pytest.mark.parametrize("name", ["v2_lite", "v3"])
+def test_widened_absorbed_decode_matches_naive_prefill(name: str, bf16_references) -> None:
+    model = _widened(bf16_references[name][0])
+    ids = prompt(24, seed=3)
+    naive = prefill_logits(model, ids)
+    cache = make_cache(model, [len(ids)], 4)
+    seq = cache.new_sequence()
+    decoded = []
+    for pos, token in enumerate(ids):
+        seq.reserve(cache.allocator, 1)
+        decoded.append(model(ForwardBatch.build([SequenceStep([token], pos, seq.blocks)], 4), cache)[0])
+        seq.num_tokens += 1
+    assert torch.allclose(torch.stack(decoded), naive, atol=1e-4, rtol=1e-4)
+
+
+def test_widened_batched_decode_equals_one_at_a_time_bit_for_bit(bf16_references) -> None:
+    """The kernel sums each output in one order whatever the batch: batched tokens are the lone ones."""
+    model = _widened(bf16_references["v2"][0])
+    prompts = [prompt(n, seed=n) for n in (5, 17, 33)]
+    settings = GenerationSettings(max_tokens=12, stop_at_eos=False)
+    together = generate(model, prompts, settings)
+    assert together == [generate(model, [p], settings)[0] for p in prompts]

@@ -139,6 +139,8 @@ def fused_moe_torch(
     if w13_scale is not None and w2_scale is not None:
         w13_tiles = dequantize_blocks(w13_tiles, w13_scale[experts], block, parts=2, dtype=x.dtype)
         w2_tiles = dequantize_blocks(w2_tiles, w2_scale[experts], block, dtype=x.dtype)
+    elif w13_tiles.dtype != x.dtype:  # bf16 weights under fp32 activations (widened experts)
+        w13_tiles, w2_tiles = w13_tiles.to(x.dtype), w2_tiles.to(x.dtype)
     gate, up = torch.bmm(xs, w13_tiles.transpose(1, 2)).float().chunk(2, dim=-1)  # [NB, BM, I] each
     h = (torch.nn.functional.silu(gate) * up).to(x.dtype)
     y = torch.bmm(h, w2_tiles.transpose(1, 2)).float()  # [NB, BM, D]

@@ -11,6 +11,9 @@ FP8 block-scaled checkpoints (`quantization_config` fp8, each fp8 `<name>` with 
 `BlockFp8Linear`, routed experts keep per-expert block scales) or dequantized once to `dtype`
 (`"dequantize"`, the default: faster on the CPU, see bench/bench_fp8.py). `kv_b_proj` is always
 dequantized: the absorbed decode splits it per head into W_UK and W_UV.
+bf16 checkpoints computed in fp32 on a CPU without native bf16 keep their linear-layer and routed
+expert weights bf16 (`WidenedLinear`, `RoutedExperts(weight_dtype=bf16)`; widened inside each
+product by `kernels/widen_gemm.py`), where `dtype_policy.matmul_weight_dtype` says so.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from safetensors import safe_open
 from torch import nn
 
 from moeserve.serve_config import Fp8Weights
+from moeserve.workers.kernels.widen_gemm import WidenedLinear
 from moeserve.workers.model import fp8
 from moeserve.workers.model.config import ModelConfig
+from moeserve.workers.model.dtype_policy import checkpoint_dtype, matmul_weight_dtype
 from moeserve.workers.model.huge_pages import allocate_on_huge_pages
 from moeserve.workers.model.moe import MoE, RoutedExperts, Router
 from moeserve.workers.model.rope import RotaryEmbedding
@@ -151,7 +156,11 @@ class CheckpointReader:
         return list(self._handle(name).get_slice(name).get_shape())  # type: ignore[attr-defined]
 
     def is_fp8(self, name: str) -> bool:
-        return self._handle(name).get_slice(name).get_dtype() == "F8_E4M3"  # type: ignore[attr-defined]
+        return self.dtype_name(name) == "F8_E4M3"
+
+    def dtype_name(self, name: str) -> str:
+        """The tensor's safetensors dtype ("BF16", "F32", "F8_E4M3", ...), from the header alone."""
+        return str(self._handle(name).get_slice(name).get_dtype())  # type: ignore[attr-defined]
 
     def read(self, name: str) -> torch.Tensor:
         self.read_names.append(name)
@@ -294,9 +303,10 @@ def load_attention_side(
     max_positions: int | None = None,
     device: str | torch.device = "cpu",
     fp8_weights: Fp8Weights = "dequantize",
+    matmul_weights: torch.dtype | None = None,
 ) -> Transformer:
     """Everything but the routed experts, as an attention rank holds it."""
-    return _load_transformer(path, dtype, False, reader, max_positions, device, fp8_weights)
+    return _load_transformer(path, dtype, False, reader, max_positions, device, fp8_weights, matmul_weights)
 
 
 def load_model(
@@ -306,10 +316,14 @@ def load_model(
     max_positions: int | None = None,
     device: str | torch.device = "cpu",
     fp8_weights: Fp8Weights = "dequantize",
+    matmul_weights: torch.dtype | None = None,
 ) -> Transformer:
     """The whole model in one process: attention side plus every routed expert. `dtype` is the
-    activations' (and non-fp8 weights') dtype; `fp8_weights` how an fp8 checkpoint's weights are held."""
-    return _load_transformer(path, dtype, True, reader, max_positions, device, fp8_weights)
+    activations' (and non-fp8 weights') dtype; `fp8_weights` how an fp8 checkpoint's weights are held.
+    `matmul_weights`: the dtype of the linear layers' and routed experts' weights; None follows
+    `dtype_policy.matmul_weight_dtype` (bf16 ones widened in the products on AVX2 hosts), and
+    bfloat16 under fp32 `dtype` asks for that wherever the checkpoint's tensors are bf16."""
+    return _load_transformer(path, dtype, True, reader, max_positions, device, fp8_weights, matmul_weights)
 
 
 def load_experts(
@@ -319,6 +333,7 @@ def load_experts(
     reader: CheckpointReader | None = None,
     device: str | torch.device = "cpu",
     fp8_weights: Fp8Weights = "dequantize",
+    matmul_weights: torch.dtype | None = None,
 ) -> dict[int, RoutedExperts]:
     """The given routed experts of every MoE layer, as an expert rank holds them."""
     config = ModelConfig.from_file(path)
@@ -327,10 +342,18 @@ def load_experts(
     bad = [e for e in ids if not 0 <= e < config.n_routed_experts]
     if bad:
         raise CheckpointError(f"expert ids {bad} out of range [0, {config.n_routed_experts})")
-    block = _routed_fp8_block(reader, config, _plan(reader, config), fp8_weights)
+    plan = _plan(reader, config)
+    block = _routed_fp8_block(reader, config, plan, fp8_weights)
+    weights = _matmul_weights(path, config, dtype, device, matmul_weights)
+    widen = block is None and weights != dtype and _routed_experts_bf16(reader, plan)
     experts = {
         layer: RoutedExperts(
-            config.hidden_size, config.moe_intermediate_size, ids, dtype=dtype, fp8_block=block
+            config.hidden_size,
+            config.moe_intermediate_size,
+            ids,
+            dtype=dtype,
+            fp8_block=block,
+            weight_dtype=weights if widen else None,
         ).to(device)
         for layer in config.moe_layers
     }
@@ -338,6 +361,52 @@ def load_experts(
         allocate_on_huge_pages(module)
     _fill_experts(reader, config, experts)
     return experts
+
+
+def _matmul_weights(
+    path: str | Path,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    requested: torch.dtype | None,
+) -> torch.dtype:
+    """The dtype to hold linear and routed-expert weights in (see `load_model`)."""
+    if requested is None:
+        requested = matmul_weight_dtype(
+            checkpoint_dtype(path), dtype, torch.device(device), quantized=config.quantization is not None
+        )
+    if requested not in (dtype, torch.bfloat16) or (requested != dtype and dtype != torch.float32):
+        raise ValueError(f"matmul_weights {requested} under dtype {dtype}: only bf16 under fp32 is widened")
+    return requested
+
+
+def _routed_experts_bf16(reader: CheckpointReader, plan: dict[str, Target]) -> bool:
+    names = [n for n, t in plan.items() if t.is_routed_expert and not t.scale]
+    return bool(names) and all(reader.dtype_name(n) == "BF16" for n in names)
+
+
+def _use_widened_linears(model: Transformer, reader: CheckpointReader, plan: dict[str, Target]) -> None:
+    """Swap each nn.Linear whose checkpoint weight(s) are all bf16 for a WidenedLinear (on meta). MLA's
+    wkv_b stays in the compute dtype: the absorbed decode splits it per head into its own tensors."""
+    kinds: dict[str, set[str]] = {}
+    for name, t in plan.items():
+        if t.param is None or t.scale or t.is_routed_expert:
+            continue
+        base = split_part(t.param)[0]
+        if base.endswith(".weight"):
+            kinds.setdefault(base, set()).add(reader.dtype_name(name))
+    for base, kind in kinds.items():
+        path = base.removesuffix(".weight")
+        tied_head = path == "head" and model.config.tie_word_embeddings
+        if kind != {"BF16"} or path.endswith("wkv_b") or tied_head:
+            continue
+        linear = model.get_submodule(path)
+        if type(linear) is not nn.Linear:
+            continue
+        parent, _, child = path.rpartition(".")
+        with torch.device("meta"):
+            swapped = WidenedLinear(linear.in_features, linear.out_features, linear.bias is not None)
+        setattr(model.get_submodule(parent) if parent else model, child, swapped)
 
 
 def _load_transformer(
@@ -348,6 +417,7 @@ def _load_transformer(
     max_positions: int | None,
     device: str | torch.device,
     fp8_weights: Fp8Weights,
+    matmul_weights: torch.dtype | None = None,
 ) -> Transformer:
     config = ModelConfig.from_file(path)
     reader = reader or CheckpointReader(path)
@@ -362,12 +432,21 @@ def _load_transformer(
         assert config.quantization is not None
         _use_fp8_linears(model, reader, plan, config.quantization.weight_block_size, dtype)
     block = _routed_fp8_block(reader, config, plan, fp8_weights) if with_routed_experts else None
-    if block is not None:
+    weights = _matmul_weights(path, config, dtype, device, matmul_weights)
+    if weights != dtype:
+        _use_widened_linears(model, reader, plan)
+    widen = with_routed_experts and block is None and weights != dtype and _routed_experts_bf16(reader, plan)
+    if block is not None or widen:
         for moe in model.modules():
             if isinstance(moe, MoE) and moe.experts is not None:
                 with torch.device("meta"):
                     moe.experts = RoutedExperts(
-                        config.hidden_size, config.moe_intermediate_size, moe.experts.expert_ids, dtype, block
+                        config.hidden_size,
+                        config.moe_intermediate_size,
+                        moe.experts.expert_ids,
+                        dtype,
+                        block,
+                        weight_dtype=weights if widen else None,
                     )
     model = model.to_empty(device=device)
     allocate_on_huge_pages(model)

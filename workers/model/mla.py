@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.workers.kernels import widen_gemm
 from moeserve.workers.kernels.cpu_capability import slow_16bit
 from moeserve.workers.kernels.mla_decode import num_splits, paged_mla_decode_for
+from moeserve.workers.kernels.widen_gemm import WidenedLinear
 from moeserve.workers.model.batch import DecodeInputs, ForwardBatch
 from moeserve.workers.model.config import ModelConfig
 from moeserve.workers.model.huge_pages import on_huge_pages
@@ -138,7 +140,7 @@ class MLA(nn.Module):
         fused = getattr(self, "_fused_input", None)
         if fused is None or fused.dtype != first.weight.dtype or fused.device != first.weight.device:
             return first(x), self.wkv_a(x)  # not fused, or the module was moved since (stale)
-        out = F.linear(x, fused)  # [T, n_q + C + R]
+        out = widen_gemm.linear(x, fused)  # [T, n_q + C + R]
         q, kv = out.split([first.weight.shape[0], self.wkv_a.weight.shape[0]], dim=-1)
         if first.bias is not None:
             q = q + first.bias
@@ -151,7 +153,7 @@ class MLA(nn.Module):
         in one matmul; the two parameters become views of it, so nothing is duplicated. Weights kept
         fp8 (`BlockFp8Linear`, each on its own block grid) stay two products."""
         first = self.wq_a if self.q_lora else self.wq
-        if not (isinstance(first, nn.Linear) and isinstance(self.wkv_a, nn.Linear)):
+        if type(first) is not type(self.wkv_a) or not isinstance(first, nn.Linear | WidenedLinear):
             return
         with torch.no_grad():
             fused = on_huge_pages(torch.cat([first.weight, self.wkv_a.weight]))  # [n_q + C + R, D]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.workers.kernels import widen_gemm
 from moeserve.workers.kernels.fused_moe import fused_moe, fused_moe_for
 from moeserve.workers.model import fp8
 from moeserve.workers.model.config import ModelConfig
@@ -90,7 +91,9 @@ class RoutedExperts(nn.Module):
     `expert_ids[i]` is the global id of local expert i; a single process hosts all of them.
     With `fp8_block` the weights stay float8_e4m3fn with per-expert block scales `w13_scale_inv`
     [n, 2 ceil(I/bn), ceil(D/bk)] (gate and up each on their own grid) and `w2_scale_inv`
-    [n, ceil(D/bn), ceil(I/bk)]; `dtype` is then the activations' dtype.
+    [n, ceil(D/bn), ceil(I/bk)]; `dtype` is then the activations' dtype. With `weight_dtype`
+    bf16 under fp32 `dtype`, the weights stay bf16 and are widened inside the products
+    (`kernels/widen_gemm.py`, the AVX2 hosts' choice).
     """
 
     def __init__(
@@ -100,13 +103,18 @@ class RoutedExperts(nn.Module):
         expert_ids: list[int],
         dtype: torch.dtype | None = None,
         fp8_block: tuple[int, int] | None = None,
+        weight_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.expert_ids = list(expert_ids)
         self.fp8_block = fp8_block
         self.act_dtype = dtype or torch.get_default_dtype()
+        self.widened = weight_dtype is not None and weight_dtype != self.act_dtype and fp8_block is None
         n = len(expert_ids)
-        weight_dtype, grad = (dtype, True) if fp8_block is None else (fp8.FP8, False)
+        if fp8_block is not None:
+            weight_dtype, grad = fp8.FP8, False
+        else:
+            weight_dtype, grad = (weight_dtype, False) if self.widened else (dtype, True)
         self.w13 = nn.Parameter(torch.empty(n, 2 * inter_dim, dim, dtype=weight_dtype), requires_grad=grad)
         self.w2 = nn.Parameter(torch.empty(n, dim, inter_dim, dtype=weight_dtype), requires_grad=grad)
         self.w13_scale_inv: nn.Parameter | None = None
@@ -120,8 +128,13 @@ class RoutedExperts(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' dtype (the weights' unless they are fp8)."""
-        return self.act_dtype if self.fp8_block is not None else self.w2.dtype
+        """The activations' dtype (the weights' unless they are fp8 or widened)."""
+        return self.act_dtype if self.fp8_block is not None or self.widened else self.w2.dtype
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the weights are held in."""
+        return self.w2.dtype
 
     def fused_scales(self) -> dict[str, object]:
         """Keyword arguments that give `fused_moe` / `fused_moe_torch` the fp8 block scales ({} if none)."""
@@ -132,19 +145,19 @@ class RoutedExperts(nn.Module):
     def gate_up(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """x [M, D] -> [M, 2I] through local expert i's fused gate ; up projection."""
         if self.w13_scale_inv is None or self.fp8_block is None:
-            return F.linear(x, self.w13[i])
+            return widen_gemm.linear(x, self.w13[i])
         return fp8.linear(x, fp8.BlockFp8(self.w13[i], self.w13_scale_inv[i], self.fp8_block, parts=2))
 
     def down(self, h: torch.Tensor, i: int) -> torch.Tensor:
         """h [M, I] -> [M, D] through local expert i's down projection."""
         if self.w2_scale_inv is None or self.fp8_block is None:
-            return F.linear(h, self.w2[i])
+            return widen_gemm.linear(h, self.w2[i])
         return fp8.linear(h, fp8.BlockFp8(self.w2[i], self.w2_scale_inv[i], self.fp8_block))
 
     def dense_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Local expert i's (w13 [2I, D], w2 [D, I]) in the activation dtype (dequantized if fp8)."""
         if self.w13_scale_inv is None or self.w2_scale_inv is None or self.fp8_block is None:
-            return self.w13[i], self.w2[i]
+            return self.w13[i].to(self.dtype), self.w2[i].to(self.dtype)
         w13 = fp8.BlockFp8(self.w13[i], self.w13_scale_inv[i], self.fp8_block, parts=2)
         w2 = fp8.BlockFp8(self.w2[i], self.w2_scale_inv[i], self.fp8_block)
         return fp8.dequantize(w13, self.dtype), fp8.dequantize(w2, self.dtype)

@@ -268,7 +268,9 @@ def _rebuilt(
     """The rank's experts `ids` of one layer: kept ones copied from `old`, new ones from `arrived`
     (every parameter, fp8 block scales included, in parameter order)."""
     dim, inter = old.w2.shape[1], old.w2.shape[2]
-    new = RoutedExperts(dim, inter, ids, dtype=old.dtype, fp8_block=old.fp8_block).to(old.w2.device)
+    new = RoutedExperts(
+        dim, inter, ids, dtype=old.dtype, fp8_block=old.fp8_block, weight_dtype=old.weight_dtype
+    ).to(old.w2.device)
     allocate_on_huge_pages(new)  # as the loader placed the experts it replaces
     with torch.no_grad():
         for j, e in enumerate(ids):
