@@ -32,7 +32,7 @@ import torch
 
 from moeserve.workers.model.batch import ForwardBatch, SequenceStep
 from moeserve.workers.model.config import ModelConfig
-from moeserve.workers.model.dtype_policy import resolve_dtype
+from moeserve.workers.model.dtype_policy import DTYPE_NAMES, resolve_dtype
 from moeserve.workers.model.loader import load_model
 from moeserve.workers.model.random_checkpoint import PRESETS, write_random_checkpoint
 from moeserve.workers.model.transformer import Transformer
@@ -164,6 +164,10 @@ def memory_bandwidth() -> float:
     return x.numel() * 4 / best
 
 
+def short_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
@@ -177,9 +181,13 @@ def run_worker(args: argparse.Namespace) -> dict[str, object]:
     max_positions = args.long_prompt + new + 8
     if args.worker == "moeserve":
         choice = resolve_dtype(args.dtype, path, torch.device("cpu"))
-        print(f"moeserve: {choice.describe()}", flush=True)
-        model = load_model(path, choice.compute, max_positions=max_positions)
-        dtype_name = str(choice.compute).removeprefix("torch.")
+        weights = None if args.weights == "auto" else DTYPE_NAMES[args.weights]
+        given = f"; --weights {args.weights}" if weights else ""
+        print(f"moeserve: {choice.describe()}{given}", flush=True)
+        model = load_model(path, choice.compute, max_positions=max_positions, matmul_weights=weights)
+        dtype_name = short_name(choice.compute)
+        if model.head.weight.dtype != choice.compute:  # bf16 weights widened in the products
+            dtype_name += "/" + short_name(model.head.weight.dtype) + "w"
 
         def decode(ids: torch.Tensor, n: int, k: int) -> tuple[float, int, float]:
             return ours_decode(model, ids, n, skip=k)
@@ -256,7 +264,7 @@ def worker_command(system: str, args: argparse.Namespace) -> list[str]:
     ]  # fmt: skip
     if system == "vllm":
         return [args.vllm_python, str(VLLM_PEER), "--model", str(bench_checkpoint()), *common]
-    extra = ["--dtype", args.dtype] + ([] if args.roofline else ["--no-roofline"])
+    extra = ["--dtype", args.dtype, "--weights", args.weights] + ([] if args.roofline else ["--no-roofline"])
     return [sys.executable, __file__, "--worker", system, *common, *extra]
 
 
@@ -284,7 +292,7 @@ def print_table(results: list[dict[str, object]], args: argparse.Namespace) -> N
         f"load average {os.getloadavg()[0]:.1f} (uptime), {args.threads} threads each, one system at a time"
     )
     head = " ".join(f"{'b' + b + ' tok/s':>10}" for b in batches)
-    print(f"{'system':>12} {'dtype':>8} {'CPU':>7} {head} {'TTFT ' + str(args.prompt):>9} "
+    print(f"{'system':>12} {'dtype':>10} {'CPU':>7} {head} {'TTFT ' + str(args.prompt):>9} "
           f"{'TTFT ' + str(args.long_prompt):>10} {'step ' + str(args.prompt):>9} "
           f"{'step ' + str(args.long_prompt):>10} {'long/short':>10}")  # fmt: skip
     for r in results:
@@ -293,7 +301,7 @@ def print_table(results: list[dict[str, object]], args: argparse.Namespace) -> N
         short, long = float(r["short_step_s"]), float(r["long_step_s"])  # type: ignore[arg-type]
         cells = " ".join(f"{tok[b]:>10.1f}" if b in tok else f"{'-':>10}" for b in batches)
         print(
-            f"{r['system']:>12} {r['dtype']:>8} {r['capability']:>7} {cells} "
+            f"{r['system']:>12} {r['dtype']:>10} {r['capability']:>7} {cells} "
             f"{ttft[str(args.prompt)]:>8.2f}s {ttft[str(args.long_prompt)]:>9.2f}s "
             f"{short * 1e3:>7.1f}ms {long * 1e3:>8.1f}ms {long / short:>9.2f}x"
         )
@@ -327,6 +335,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--peer-batches", default=None, help="the peers' batches (default: --batches)")
     parser.add_argument("--dtype", default="auto", help="moeserve's dtype: auto (default) or a dtype name")
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="moeserve's linear/expert weight dtype under fp32 compute: auto (the policy), or a candidate",
+    )
     parser.add_argument("--peer", action="append", default=[], choices=["vllm"], help="also run vLLM")
     parser.add_argument("--systems", default="moeserve,transformers", help="which of ours/transformers")
     parser.add_argument("--vllm-python", default="/work/peer-vllm/bin/python", help="the peer venv's python")
