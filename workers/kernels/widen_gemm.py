@@ -2,7 +2,7 @@
 
 Why: on x86 hosts without native bf16 (AVX2 only) torch's bf16 matmuls take scalar-widening paths,
 and fp32 ones read twice the bytes; decode reads every active weight once per step, so it is bound
-by those bytes. The kernel (`csrc/widen_gemm.c`, built by `pip install`; optional) streams the bf16
+by those bytes. The kernel (`csrc/avx2_kernels.c`, see `avx2.py`) streams the bf16
 weight, widens each value in registers (a bf16 value is the top half of an fp32 one) and computes in
 fp32 with FMA: the weight values, and so the results, are those of the fp32 model up to summation
 order, at half its weight bytes. Measured in bench/bench_widen_gemm.py against torch's fp32 and bf16
@@ -17,32 +17,24 @@ memory) and call it. Without the built kernel or AVX2 + FMA, every product takes
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from moeserve.workers.kernels import _widen_gemm as _ext
-except ImportError:  # not built (no C compiler at install): the torch path below
-    _ext = None
+from moeserve.workers.kernels import avx2
 
 KERNEL_MAX_ROWS = 64
 """Products with more rows than this (prefill chunks) go to torch's fp32 GEMM a slab at a time."""
 _SLAB_BYTES = 8 << 20  # fp32 weight bytes widened per slab on the torch path
 
 
-@functools.cache
 def available() -> bool:
     """Whether the compiled kernel is built and this CPU runs it (x86 with AVX2 + FMA)."""
-    return _ext is not None and bool(_ext.supported())
+    return avx2.available()
 
 
 def why_unavailable() -> str:
-    if _ext is None:
-        return "the widen_gemm extension is not built (pip install found no C compiler)"
-    return "" if available() else "this CPU has no AVX2 + FMA"
+    return avx2.why_unavailable()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,8 +66,8 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
         bias = bias.float().contiguous().view(n)
     y = torch.empty(m, n, dtype=torch.float32)
-    assert _ext is not None
-    _ext.linear(
+    assert avx2.ext is not None
+    avx2.ext.linear(
         x.data_ptr(),
         x.stride(0),
         weight.data_ptr(),

@@ -5,8 +5,9 @@ Two paths over the same cache:
   ordinary causal attention;
 - absorbed (decode): fold W_UK into the query and W_UV after the attention, so attention is MQA
   over the cached `[c_KV ; k_pe]` rows and nothing per-head is ever materialised for the context.
-  On CUDA it reads the paged cache in place (Triton, `kernels/mla_decode.py`); on the CPU it
-  gathers the blocks and runs batched matmuls, the faster form there.
+  On CUDA it reads the paged cache in place (Triton, `kernels/mla_decode.py`); on the CPU an fp32
+  cache is read in place too where the AVX2 kernel runs (`kernels/mla_decode_cpu.py`), else the
+  blocks are gathered for batched matmuls (`_absorbed`, also the bf16 path of AVX-512 hosts).
 `forward_decode` is the absorbed path alone with static shapes, for CUDA graphs.
 `attn_impl="naive"` forces the naive path everywhere; tests use it as the reference.
 Legend: T tokens, H heads, L context, B decode sequences, C kv_lora_rank, R rope dim,
@@ -15,15 +16,17 @@ N nope dim, V value dim, D hidden.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.workers.kernels import widen_gemm
+from moeserve.workers.kernels import mla_decode_cpu, widen_gemm
 from moeserve.workers.kernels.cpu_capability import slow_16bit
 from moeserve.workers.kernels.mla_decode import num_splits, paged_mla_decode_for
+from moeserve.workers.kernels.mla_decode_cpu import paged_mla_decode_cpu
 from moeserve.workers.kernels.widen_gemm import WidenedLinear
 from moeserve.workers.model.batch import DecodeInputs, ForwardBatch
 from moeserve.workers.model.config import ModelConfig
@@ -87,6 +90,9 @@ class MLA(nn.Module):
                 tables = batch.decode_block_tables
                 splits = num_splits(tables.shape[0], self.n_heads, tables.shape[1] * cache.block_size)
                 o = self._absorbed_paged(q_nope_d, q_pe_d, cache, tables, batch.decode_context, splits)
+            elif mla_decode_cpu.supports(q_nope_d, cache.layers[self.layer], self.kv_rank):  # fp32, AVX2
+                tables, context = batch.decode_block_tables, batch.decode_context
+                o = self._absorbed_paged(q_nope_d, q_pe_d, cache, tables, context, 1, paged_mla_decode_cpu)
             else:
                 latents = cache.gather_batch(self.layer, batch.decode_block_tables)  # [B, L, C+R]
                 o = self._absorbed(q_nope_d, q_pe_d, latents, batch.decode_padding)
@@ -222,13 +228,14 @@ class MLA(nn.Module):
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
         splits: int,
+        decode: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Decode straight from the paged cache: q [B, H, *], block_tables [B, nb], context_lens [B].
-        -> [B, H, V]."""
+        -> [B, H, V]. `decode`: the attention kernel (default: the device's static-shape one)."""
         w_uk, w_uv_t = self._absorbed_weights()
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, C]: W_UK absorbed
         q_full = torch.cat([q_lat, q_pe], dim=-1)  # [B, H, C+R]
-        decode = paged_mla_decode_for(q_full.device)
+        decode = decode or paged_mla_decode_for(q_full.device)
         o_lat = decode(
             q_full, cache.layers[self.layer], block_tables, context_lens, self.scale, self.kv_rank, splits
         )
