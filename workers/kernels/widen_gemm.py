@@ -25,7 +25,7 @@ from moeserve.workers.kernels import avx2
 
 KERNEL_MAX_ROWS = 64
 """Products with more rows than this (prefill chunks) go to torch's fp32 GEMM a slab at a time."""
-_SLAB_BYTES = 8 << 20  # fp32 weight bytes widened per slab on the torch path
+_SLAB_BYTES = 64 << 20  # fp32 weight bytes widened at once on the torch path (a huge head: in slabs)
 
 
 def available() -> bool:
