@@ -235,13 +235,15 @@ def test_speculation_needs_an_mtp_layer(tiny_mtp) -> None:
         EngineSettings(speculative="mtp", num_speculative_tokens=4)
 
 
-def test_embedded_model_drafts_are_accepted_and_greedy_is_identical() -> None:
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])  # bf16: widened, as on AVX2
+def test_embedded_model_drafts_are_accepted_and_greedy_is_identical(weights: torch.dtype) -> None:
     """The embedded default model's trained MTP layer: drafts at both positions are often kept
-    (the accepted path and the roll-back of a partly rejected chain), and greedy stays identical."""
+    (the accepted path and the roll-back of a partly rejected chain), and greedy stays identical.
+    With bf16 weights under fp32 the MTP layer shares the main model's widened head."""
     from moeserve.workers.model.loader import EMBEDDED_MODEL_PATH
     from moeserve.workers.model.tokenizer import Tokenizer
 
-    model = load_model(EMBEDDED_MODEL_PATH)
+    model = load_model(EMBEDDED_MODEL_PATH, matmul_weights=weights)
     mtp = load_mtp(EMBEDDED_MODEL_PATH, model)
     tok = Tokenizer.from_model_dir(EMBEDDED_MODEL_PATH)
     assert tok is not None

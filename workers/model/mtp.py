@@ -158,7 +158,10 @@ def load_mtp(
     for ours, theirs in SHARED_WITH_MAIN.items():
         module_name = ours.split(".")[0]
         if ours not in filled or torch.equal(params[ours], main[theirs].to(params[ours].dtype)):
-            getattr(mtp, module_name).weight = main[theirs]  # one tensor, not a copy
+            if main[theirs].dtype == params[ours].dtype:
+                getattr(mtp, module_name).weight = main[theirs]  # one tensor, not a copy
+            else:  # the main model keeps it bf16 (`WidenedLinear`): share the module itself
+                setattr(mtp, module_name, model.get_submodule(theirs.removesuffix(".weight")))
             filled.add(ours)
     if experts is not None:
         _fill_experts(reader, config, experts)
