@@ -29,11 +29,21 @@ COPY --from=requirements /tmp/requirements.txt /tmp/requirements.txt
 RUN --mount=type=cache,target=/root/.cache/pip pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 
 WORKDIR /opt/moeserve
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY protos ./protos
 COPY workers ./workers
 COPY operator ./operator
-RUN pip install --no-deps --no-build-isolation . && rm -rf /opt/moeserve/build
+# setup.py compiles the CPU kernels of the AVX2 path: a C compiler and Python's headers are needed
+# for that step only. A BASE that has them (the e2e tests' base) is used as it is; otherwise they
+# come from apt and go again after the install.
+RUN set -e; missing=""; \
+    command -v gcc >/dev/null || missing="gcc libc6-dev"; \
+    python3 -c "import os, sysconfig; os.stat(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
+        2>/dev/null || missing="$missing python3-dev"; \
+    if [ -n "$missing" ]; then apt-get update && apt-get install -y --no-install-recommends $missing; fi; \
+    pip install --no-deps --no-build-isolation . && rm -rf /opt/moeserve/build; \
+    python3 -c "from moeserve.workers.kernels import avx2; assert avx2.ext is not None, 'AVX2 kernels not built'"; \
+    if [ -n "$missing" ]; then apt-get purge -y --auto-remove $missing && rm -rf /var/lib/apt/lists/*; fi
 
 # Non-root, with a home for Ray's session files (/tmp/ray) and caches.
 RUN useradd --create-home --uid 1000 --user-group moeserve

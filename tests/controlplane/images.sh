@@ -3,7 +3,8 @@
 #
 #   pause     the sandbox image: kubernetes' own build/pause/linux/pause.c (from the k8s.io/kubernetes
 #             module pinned in node/go.mod), compiled with `cc -static`, alone in an image.
-#   base      Debian bookworm made by debootstrap (minbase + python3, python3-venv): the image of the
+#   base      Debian bookworm made by debootstrap (minbase + python3, python3-venv, and gcc +
+#             python3-dev for the AVX2 kernels setup.py compiles): the image of the
 #             node's plain test pods and the BASE of the project's image.
 #   moeserve  the repository's Dockerfile, built with --build-arg BASE=<the base image>; tagged by
 #             the hash of everything that goes into it (Dockerfile, .dockerignore, pyproject.toml,
@@ -34,9 +35,9 @@ export BUILDAH_ISOLATION=chroot
 # What goes into the base image; changing it changes the base's hash (and so the moeserve image's).
 DEBIAN_SUITE=bookworm
 DEBIAN_MIRROR=http://deb.debian.org/debian
-BASE_PACKAGES=python3,python3-venv,ca-certificates,passwd
+BASE_PACKAGES=python3,python3-venv,python3-dev,gcc,libc6-dev,ca-certificates,passwd
 # The moeserve image's inputs besides the base.
-IMAGE_INPUTS=(Dockerfile .dockerignore pyproject.toml README.md protos workers operator)
+IMAGE_INPUTS=(Dockerfile .dockerignore pyproject.toml setup.py README.md protos workers operator)
 
 log() { echo "images: [$(($(date +%s) - START))s] $*"; }
 START="$(date +%s)"
