@@ -5,7 +5,8 @@
 #
 # 1. Python: `pip install -e ".[dev,operator,ray]"` into the active Python (a virtual environment, or
 #    the machine's Python as in CI); skipped when this checkout is already installed there with the
-#    same pyproject.toml (a stamp in that environment records the checkout path and the file's hash).
+#    same pyproject.toml, setup.py and C sources (a stamp in that environment records the checkout
+#    path and their hash; the C kernels compile in place, so an edit to them reinstalls).
 # 2. Binaries: tests/controlplane/ci.sh installs kubectl and the rest from Debian's packages and builds
 #    the control plane (and the real node) from pinned Go modules, cached by content hash.
 # 3. `python -m pytest` over all tiers; only the gpu tier skips, when no CUDA device is present.
@@ -19,7 +20,7 @@ python_deps() {
     local prefix stamp want
     prefix="$("$PYTHON" -c 'import sys; print(sys.prefix)')"
     stamp="$prefix/.moeserve-test-install"
-    want="$(pwd) $(sha256sum pyproject.toml | cut -c1-16)"
+    want="$(pwd) $(cat pyproject.toml setup.py workers/kernels/csrc/*.c | sha256sum | cut -c1-16)"
     if [[ "$(cat "$stamp" 2>/dev/null || true)" == "$want" ]] \
         && "$PYTHON" -c 'import moeserve.workers, ray.serve, kopf, transformers' 2>/dev/null; then
         echo "tests/run.sh: Python packages up to date in $prefix"
