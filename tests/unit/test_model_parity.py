@@ -162,6 +162,7 @@ def test_widened_absorbed_decode_matches_naive_prefill(name: str, bf16_reference
         decoded.append(model(ForwardBatch.build([SequenceStep([token], pos, seq.blocks)], 4), cache)[0])
         seq.num_tokens += 1
     assert torch.allclose(torch.stack(decoded), naive, atol=1e-4, rtol=1e-4)
+    assert all(block.attn._widened_absorbed_weights() is not None for block in model.layers)  # bf16 W_UK/W_UV
 
 
 def test_widened_batched_decode_equals_one_at_a_time_bit_for_bit(bf16_references) -> None:

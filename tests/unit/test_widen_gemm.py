@@ -99,3 +99,17 @@ def test_widened_linear_is_an_nn_linear_with_a_bf16_weight() -> None:
     x = torch.randn(3, 12, generator=gen)
     assert layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.float32
     _close(layer(x), ref(x).detach())
+
+
+@pytest.mark.parametrize("b,m,n,k", [(16, 1, 512, 128), (16, 3, 128, 512), (3, 5, 9, 13), (1, 1, 4, 8)])
+def test_batched_products_match_bmm_on_strided_inputs(b: int, m: int, n: int, k: int) -> None:
+    """One product per head, x strided as q_nope.transpose(0, 1) is in the absorbed MLA decode."""
+    gen = torch.Generator().manual_seed(b * m + n * k)
+    x = torch.randn(m, b, k, generator=gen).transpose(0, 1)
+    w = torch.randn(b, n, k, generator=gen).bfloat16()
+    want = torch.bmm(x, w.float().transpose(1, 2))
+    got = widen_gemm.linear_batched(x, w)
+    assert got.shape == (b, m, n)
+    assert ((got - want).abs().amax() / want.abs().amax().clamp(min=1.0)).item() <= 2e-6
+    with pytest.raises(TypeError, match="needs fp32"):
+        widen_gemm.linear_batched(x, w.float())

@@ -83,6 +83,31 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return y
 
 
+def linear_batched(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [B, M, K] fp32 (any strides with unit stride along K) @ weight [B, N, K]^T bf16 -> [B, M, N]
+    fp32: one product per batch entry (the absorbed MLA weights, one per head), in one kernel call."""
+    b, m, k = x.shape
+    n = weight.shape[1]
+    if weight.dtype != torch.bfloat16 or x.dtype != torch.float32 or weight.shape != (b, n, k):
+        raise TypeError(
+            f"widen_gemm.linear_batched: x {x.dtype} {list(x.shape)}, weight {weight.dtype} "
+            f"{list(weight.shape)}; needs fp32 [B, M, K] and bf16 [B, N, K]"
+        )
+    if not available() or m > KERNEL_MAX_ROWS or x.device.type != "cpu":
+        return torch.bmm(x, weight.to(x.dtype).transpose(1, 2))
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    y = torch.empty(b, m, n, dtype=torch.float32)
+    assert avx2.ext is not None
+    avx2.ext.linear_batched(
+        x.data_ptr(), x.stride(0), x.stride(1), weight.data_ptr(), weight.stride(0), weight.stride(1),
+        y.data_ptr(), m * n, n, b, m, n, k, torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
 def _widened_slabs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """torch's fp32 GEMM over slabs of the weight widened in turn (never the whole weight at once)."""
     n, k = weight.shape

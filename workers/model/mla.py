@@ -16,7 +16,6 @@ N nope dim, V value dim, D hidden.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -91,8 +90,7 @@ class MLA(nn.Module):
                 splits = num_splits(tables.shape[0], self.n_heads, tables.shape[1] * cache.block_size)
                 o = self._absorbed_paged(q_nope_d, q_pe_d, cache, tables, batch.decode_context, splits)
             elif mla_decode_cpu.supports(q_nope_d, cache.layers[self.layer], self.kv_rank):  # fp32, AVX2
-                tables, context = batch.decode_block_tables, batch.decode_context
-                o = self._absorbed_paged(q_nope_d, q_pe_d, cache, tables, context, 1, paged_mla_decode_cpu)
+                o = self._absorbed_in_place(q_nope_d, q_pe_d, cache, batch)
             else:
                 latents = cache.gather_batch(self.layer, batch.decode_block_tables)  # [B, L, C+R]
                 o = self._absorbed(q_nope_d, q_pe_d, latents, batch.decode_padding)
@@ -179,6 +177,39 @@ class MLA(nn.Module):
             self._absorbed_cache = cached
         return cached
 
+    def _widened_absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """In a widened layer (bf16 weights under fp32, `WidenedLinear`), W_UK^T [H, C, N] and W_UV
+        [H, V, C] in bf16 as rows for `widen_gemm.linear_batched`: half the bytes the absorbed decode
+        reads per step. Only when wkv_b's values are bf16 ones (exact); None otherwise."""
+        if not isinstance(self.wo, WidenedLinear) or not widen_gemm.available():
+            return None
+        cached = getattr(self, "_widened_absorbed", None)
+        if cached is None:
+            w = self.wkv_b.weight.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+            narrow = w.to(torch.bfloat16)
+            if not torch.equal(narrow.float(), w.float()):
+                cached = ()
+            else:
+                w_uk_t = narrow[:, : self.nope_dim].transpose(1, 2)  # [H, C, N]
+                cached = (on_huge_pages(w_uk_t), on_huge_pages(narrow[:, self.nope_dim :]))  # [H, V, C]
+            self._widened_absorbed = cached
+        return cached or None
+
+    def _absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [B, H, N] -> q_nope W_UK [B, H, C]."""
+        widened = self._widened_absorbed_weights() if not q_nope.is_cuda else None
+        if widened is not None:
+            return widen_gemm.linear_batched(q_nope.transpose(0, 1), widened[0]).transpose(0, 1)
+        return torch.bmm(q_nope.transpose(0, 1), self._absorbed_weights()[0]).transpose(0, 1)
+
+    def _apply_w_uv(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """o_lat [B, H, C] -> o_lat W_UV^T [B, H, V]."""
+        widened = self._widened_absorbed_weights() if not o_lat.is_cuda else None
+        if widened is not None and o_lat.dtype == torch.float32:
+            return widen_gemm.linear_batched(o_lat.transpose(0, 1), widened[1]).transpose(0, 1)
+        w_uv_t = self._absorbed_weights()[1]
+        return torch.bmm(o_lat.to(w_uv_t.dtype).transpose(0, 1), w_uv_t).transpose(0, 1)
+
     def _naive(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, cached: int
     ) -> torch.Tensor:
@@ -209,16 +240,15 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """Decode: one query per sequence. q [B, H, *], latents [B, L, C+R], padding [B, 1, L] (True
         past each sequence's context). -> [B, H, V]."""
-        w_uk, w_uv_t = self._absorbed_weights()
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, C]: W_UK absorbed
+        q_lat = self._absorb_query(q_nope)  # [B, H, C]: W_UK absorbed
         q_full = torch.cat([q_lat, q_pe], dim=-1)  # [B, H, C+R], MQA query against [c_KV ; k_pe]
         if slow_16bit(latents.dtype, latents.device):  # AVX2: bf16 bmm over the context is ~50x fp32's
             q_full, latents = q_full.float(), latents.float()
         scores = torch.bmm(q_full, latents.transpose(1, 2)).float() * self.scale  # [B, H, L]
         scores = scores.masked_fill(padding, float("-inf"))
         probs = scores.softmax(dim=-1).to(latents.dtype)
-        o_lat = torch.bmm(probs, latents[..., : self.kv_rank]).to(w_uv_t.dtype)  # [B, H, C]
-        return torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, H, V]: W_UV applied after
+        o_lat = torch.bmm(probs, latents[..., : self.kv_rank])  # [B, H, C]
+        return self._apply_w_uv(o_lat)  # [B, H, V]: W_UV applied after
 
     def _absorbed_paged(
         self,
@@ -228,15 +258,30 @@ class MLA(nn.Module):
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
         splits: int,
-        decode: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Decode straight from the paged cache: q [B, H, *], block_tables [B, nb], context_lens [B].
-        -> [B, H, V]. `decode`: the attention kernel (default: the device's static-shape one)."""
+        -> [B, H, V]."""
         w_uk, w_uv_t = self._absorbed_weights()
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, C]: W_UK absorbed
         q_full = torch.cat([q_lat, q_pe], dim=-1)  # [B, H, C+R]
-        decode = decode or paged_mla_decode_for(q_full.device)
+        decode = paged_mla_decode_for(q_full.device)
         o_lat = decode(
             q_full, cache.layers[self.layer], block_tables, context_lens, self.scale, self.kv_rank, splits
         )
         return torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, H, V]: W_UV applied after
+
+    def _absorbed_in_place(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: PagedLatentCache, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """The CPU's eager decode over an fp32 cache: the AVX2 attention kernel reads the blocks in
+        place; W_UK / W_UV are bf16 rows in a widened layer. q [B, H, *] -> [B, H, V]."""
+        q_full = torch.cat([self._absorb_query(q_nope), q_pe], dim=-1)  # [B, H, C+R]
+        o_lat = paged_mla_decode_cpu(
+            q_full,
+            cache.layers[self.layer],
+            batch.decode_block_tables,
+            batch.decode_context,
+            self.scale,
+            self.kv_rank,
+        )
+        return self._apply_w_uv(o_lat)

@@ -264,6 +264,56 @@ static PyObject *widen_linear(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* linear_batched(x, sx, ldx, w, sw, ldw, y, sy, ldy, batches, m, n, k, threads): `linear` for each
+ * of `batches` (x, w, y) triples `sx` / `sw` / `sy` elements apart (the absorbed MLA weights, one
+ * per head), in one parallel region over every batch's weight rows. No bias. */
+static PyObject *widen_linear_batched(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long px, pw, py;
+    long long sx, ldx, sw, ldw, sy, ldy, batches, m, n, k;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KLLKLLKLLLLLLi", &px, &sx, &ldx, &pw, &sw, &ldw, &py, &sy, &ldy, &batches, &m,
+                          &n, &k, &threads))
+        return NULL;
+#ifdef WIDEN_X86
+    if (!cpu_has_avx2_fma()) {
+        PyErr_SetString(PyExc_RuntimeError, "avx2_kernels: this CPU has no AVX2 + FMA");
+        return NULL;
+    }
+    const float *x = (const float *)(uintptr_t)px;
+    const uint16_t *w = (const uint16_t *)(uintptr_t)pw;
+    float *y = (float *)(uintptr_t)py;
+    int64_t tiles = (n + ROWS - 1) / ROWS, total = batches * tiles;
+    if (threads < 1) threads = 1;
+    if (threads > (total + 3) / 4) threads = (int)((total + 3) / 4 > 0 ? (total + 3) / 4 : 1);
+    Py_BEGIN_ALLOW_THREADS;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+    {
+#ifdef _OPENMP
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        int t = 0, nt = 1;
+#endif
+        int64_t first = total * t / nt, last = total * (t + 1) / nt; /* flattened (batch, tile) */
+        for (int64_t b = first / tiles; b * tiles < last; b++) {
+            int64_t t0 = first > b * tiles ? first - b * tiles : 0;
+            int64_t t1 = last < (b + 1) * tiles ? last - b * tiles : tiles;
+            int64_t n0 = t0 * ROWS, n1 = t1 * ROWS < n ? t1 * ROWS : n;
+            if (n0 < n1) rows_avx2(x + b * sx, ldx, w + b * sw, ldw, NULL, y + b * sy, ldy, m, n0, n1, k);
+        }
+    }
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+#else
+    (void)px; (void)pw; (void)py; (void)sx; (void)ldx; (void)sw; (void)ldw; (void)sy; (void)ldy;
+    (void)batches; (void)m; (void)n; (void)k; (void)threads;
+    PyErr_SetString(PyExc_RuntimeError, "avx2_kernels: built without the x86 AVX2 kernels");
+    return NULL;
+#endif
+}
+
 /* mla_decode(q, b, h, d, c, scale, cache, block_size, tables, table_width, lens, out, threads):
  * q [B][H][D] fp32 (absorbed queries), cache [blocks][block_size][D] fp32 (one layer), tables
  * [B][table_width] int64, lens [B] int64 (context rows, the new one included), out [B][H][C] fp32,
@@ -362,6 +412,7 @@ static PyObject *widen_openmp(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"linear", widen_linear, METH_VARARGS, "y = x @ w^T (+ bias): fp32 x, bf16 w, fp32 y (addresses)."},
+    {"linear_batched", widen_linear_batched, METH_VARARGS, "linear over a batch of (x, w, y) (addresses)."},
     {"mla_decode", mla_decode, METH_VARARGS, "Absorbed MLA decode over the paged fp32 cache (addresses)."},
     {"supported", widen_supported, METH_NOARGS, "Whether this CPU runs the kernel (AVX2 + FMA)."},
     {"openmp", widen_openmp, METH_NOARGS, "Whether the kernel was built with OpenMP threads."},
