@@ -22,7 +22,9 @@ python_deps() {
     stamp="$prefix/.moeserve-test-install"
     want="$(pwd) $(cat pyproject.toml setup.py workers/kernels/csrc/*.c | sha256sum | cut -c1-16)"
     if [[ "$(cat "$stamp" 2>/dev/null || true)" == "$want" ]] \
-        && "$PYTHON" -c 'import moeserve.workers, ray.serve, kopf, transformers' 2>/dev/null; then
+        && "$PYTHON" -c 'import moeserve.workers, ray.serve, kopf, transformers
+from moeserve.workers.kernels import avx2
+assert avx2.ext is not None  # built in place: a fresh checkout at the same path has none yet' 2>/dev/null; then
         echo "tests/run.sh: Python packages up to date in $prefix"
         return
     fi

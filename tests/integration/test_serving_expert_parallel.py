@@ -157,7 +157,9 @@ def test_cancelled_stream_frees_its_kv_blocks_on_the_rank(server: BackgroundServ
             ),
             timeout=TIMEOUT_S,
         )
-        assert client.generate(build_request(None, [3], max_tokens=2, ignore_eos=True)).finish_reason == "length"
+        assert (
+            client.generate(build_request(None, [3], max_tokens=2, ignore_eos=True)).finish_reason == "length"
+        )
 
 
 def test_a_killed_expert_rank_ends_streams_unavailable_and_health_not_serving(

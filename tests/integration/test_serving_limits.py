@@ -53,7 +53,10 @@ def test_cancelled_stream_frees_its_kv_blocks(
     metrics = scrape(slow_server)
     assert metrics['moeserve_requests_total{finish_reason="abort"}'] == aborted + 1
     assert metrics["moeserve_requests_running"] == 0
-    assert client.generate(build_request(prompt_token_ids=[3], max_tokens=2, ignore_eos=True)).finish_reason == "length"
+    assert (
+        client.generate(build_request(prompt_token_ids=[3], max_tokens=2, ignore_eos=True)).finish_reason
+        == "length"
+    )
 
 
 def test_deadline_exceeded_ends_the_request(
